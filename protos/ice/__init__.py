@@ -1,0 +1,1 @@
+"""Generated protobuf and gRPC code for the ice.* API (from protos/ice/**/*.proto)."""
