@@ -1,0 +1,290 @@
+"""Server interceptors: Prometheus RED metrics, bearer-token auth, readiness gate, domain-error mapping.
+
+Order on the wire (outermost first): metrics -> auth -> readiness -> errors -> servicer. Each interceptor
+wraps the method handler's behaviour, for all four RPC shapes, through `_wrap`.
+"""
+
+from __future__ import annotations
+
+import hmac
+import logging
+import time
+from collections.abc import Callable, Iterator
+
+import grpc
+from google.protobuf import any_pb2
+from google.rpc import code_pb2, error_details_pb2, status_pb2
+from grpc_status import rpc_status
+from prometheus_client import Counter, Histogram
+
+from services.common.errors import IceError, InvalidArgument
+
+log = logging.getLogger("ice.server")
+
+# go-grpc-prometheus names and labels, so existing dashboards and alerts work unchanged.
+_LABELS = ("grpc_type", "grpc_service", "grpc_method")
+STARTED = Counter("grpc_server_started_total", "Total number of RPCs started on the server.", _LABELS)
+HANDLED = Counter(
+    "grpc_server_handled_total",
+    "Total number of RPCs completed on the server, regardless of success or failure.",
+    (*_LABELS, "grpc_code"),
+)
+MSG_RECEIVED = Counter("grpc_server_msg_received_total", "Total number of RPC stream messages received.", _LABELS)
+MSG_SENT = Counter("grpc_server_msg_sent_total", "Total number of gRPC stream messages sent.", _LABELS)
+HANDLING = Histogram(
+    "grpc_server_handling_seconds",
+    "Histogram of response latency (seconds) of gRPC that had been application-level handled by the server.",
+    _LABELS,
+    buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600),
+)
+
+# Services that must answer without a token and before the models are loaded (Kubernetes probes, grpcurl).
+HEALTH_SERVICE = "grpc.health.v1.Health"
+REFLECTION_SERVICES = ("grpc.reflection.v1alpha.ServerReflection", "grpc.reflection.v1.ServerReflection")
+
+
+def split_method(full_method: str) -> tuple[str, str]:
+    service, _, method = full_method.lstrip("/").rpartition("/")
+    return service, method
+
+
+def _rpc_type(handler: grpc.RpcMethodHandler) -> str:
+    if handler.request_streaming and handler.response_streaming:
+        return "bidi_stream"
+    if handler.request_streaming:
+        return "client_stream"
+    if handler.response_streaming:
+        return "server_stream"
+    return "unary"
+
+
+def _wrap(handler: grpc.RpcMethodHandler | None, wrap_unary: Callable, wrap_stream: Callable):
+    """Return a copy of `handler` whose behaviour is wrapped; unary-response and streaming-response
+    behaviours need different wrappers (a value vs a generator)."""
+    if handler is None:
+        return None
+    if handler.unary_unary:
+        return grpc.unary_unary_rpc_method_handler(
+            wrap_unary(handler.unary_unary), handler.request_deserializer, handler.response_serializer
+        )
+    if handler.unary_stream:
+        return grpc.unary_stream_rpc_method_handler(
+            wrap_stream(handler.unary_stream), handler.request_deserializer, handler.response_serializer
+        )
+    if handler.stream_unary:
+        return grpc.stream_unary_rpc_method_handler(
+            wrap_unary(handler.stream_unary), handler.request_deserializer, handler.response_serializer
+        )
+    return grpc.stream_stream_rpc_method_handler(
+        wrap_stream(handler.stream_stream), handler.request_deserializer, handler.response_serializer
+    )
+
+
+def _code_name(context: grpc.ServicerContext, exc: BaseException | None) -> str:
+    code = None
+    try:
+        code = context.code()
+    except Exception:  # older grpc versions lack ServicerContext.code()
+        code = None
+    if code is None or code == grpc.StatusCode.OK:
+        if exc is None:
+            return "OK"
+        return "UNKNOWN"
+    if isinstance(code, grpc.StatusCode):
+        return code.name
+    return grpc.StatusCode(code).name if isinstance(code, tuple) else str(code)
+
+
+class MetricsInterceptor(grpc.ServerInterceptor):
+    def intercept_service(self, continuation, handler_call_details):
+        handler = continuation(handler_call_details)
+        if handler is None:
+            return None
+        service, method = split_method(handler_call_details.method)
+        labels = (_rpc_type(handler), service, method)
+
+        def count_requests(request_or_iterator):
+            if not (handler.request_streaming):
+                MSG_RECEIVED.labels(*labels).inc()
+                return request_or_iterator
+
+            def counted():
+                for item in request_or_iterator:
+                    MSG_RECEIVED.labels(*labels).inc()
+                    yield item
+
+            return counted()
+
+        def wrap_unary(behaviour):
+            def wrapped(request, context):
+                STARTED.labels(*labels).inc()
+                start = time.perf_counter()
+                exc = None
+                try:
+                    response = behaviour(count_requests(request), context)
+                    MSG_SENT.labels(*labels).inc()
+                    return response
+                except BaseException as e:
+                    exc = e
+                    raise
+                finally:
+                    HANDLING.labels(*labels).observe(time.perf_counter() - start)
+                    HANDLED.labels(*labels, _code_name(context, exc)).inc()
+
+            return wrapped
+
+        def wrap_stream(behaviour):
+            def wrapped(request, context):
+                STARTED.labels(*labels).inc()
+                start = time.perf_counter()
+                exc = None
+                try:
+                    for response in behaviour(count_requests(request), context):
+                        MSG_SENT.labels(*labels).inc()
+                        yield response
+                except BaseException as e:
+                    exc = e
+                    raise
+                finally:
+                    HANDLING.labels(*labels).observe(time.perf_counter() - start)
+                    HANDLED.labels(*labels, _code_name(context, exc)).inc()
+
+            return wrapped
+
+        return _wrap(handler, wrap_unary, wrap_stream)
+
+
+class AuthInterceptor(grpc.ServerInterceptor):
+    """Requires `authorization: Bearer <token>` on every RPC except health checks."""
+
+    def __init__(self, token: str):
+        self._expected = token.encode()
+
+    def _allowed(self, metadata) -> bool:
+        for key, value in metadata or ():
+            if key.lower() == "authorization":
+                scheme, _, presented = (value if isinstance(value, str) else value.decode()).partition(" ")
+                if scheme.lower() == "bearer":
+                    return hmac.compare_digest(presented.strip().encode(), self._expected)
+        return False
+
+    def intercept_service(self, continuation, handler_call_details):
+        handler = continuation(handler_call_details)
+        service, _ = split_method(handler_call_details.method)
+        if handler is None or service == HEALTH_SERVICE or self._allowed(handler_call_details.invocation_metadata):
+            return handler
+
+        def deny_unary(_behaviour):
+            def denied(request, context):
+                context.abort(grpc.StatusCode.UNAUTHENTICATED, "missing or invalid bearer token")
+
+            return denied
+
+        def deny_stream(_behaviour):
+            def denied(request, context):
+                context.abort(grpc.StatusCode.UNAUTHENTICATED, "missing or invalid bearer token")
+                yield  # pragma: no cover  (makes this a generator)
+
+            return denied
+
+        return _wrap(handler, deny_unary, deny_stream)
+
+
+class ReadinessInterceptor(grpc.ServerInterceptor):
+    """Answers UNAVAILABLE (retryable) while the models are still loading or the server is draining."""
+
+    def __init__(self, is_ready: Callable[[], bool]):
+        self._is_ready = is_ready
+
+    def intercept_service(self, continuation, handler_call_details):
+        handler = continuation(handler_call_details)
+        service, _ = split_method(handler_call_details.method)
+        if handler is None or service == HEALTH_SERVICE or service in REFLECTION_SERVICES or self._is_ready():
+            return handler
+
+        def not_ready_unary(_behaviour):
+            def unavailable(request, context):
+                context.abort(grpc.StatusCode.UNAVAILABLE, "the service is not ready (models loading or shutting down)")
+
+            return unavailable
+
+        def not_ready_stream(_behaviour):
+            def unavailable(request, context):
+                context.abort(grpc.StatusCode.UNAVAILABLE, "the service is not ready (models loading or shutting down)")
+                yield  # pragma: no cover
+
+            return unavailable
+
+        return _wrap(handler, not_ready_unary, not_ready_stream)
+
+
+def status_for(exc: IceError) -> grpc.Status:
+    """A rich gRPC status for a domain error: code, message, and BadRequest field violations."""
+    code = getattr(code_pb2, exc.code, code_pb2.INTERNAL)
+    status = status_pb2.Status(code=code, message=exc.message)
+    if isinstance(exc, InvalidArgument) and exc.violations:
+        detail = any_pb2.Any()
+        detail.Pack(
+            error_details_pb2.BadRequest(
+                field_violations=[
+                    error_details_pb2.BadRequest.FieldViolation(field=v.field, description=v.description)
+                    for v in exc.violations
+                ]
+            )
+        )
+        status.details.append(detail)
+    return rpc_status.to_status(status)
+
+
+class ErrorInterceptor(grpc.ServerInterceptor):
+    """Domain errors -> their status; anything else -> INTERNAL with a generic message (details in the log)."""
+
+    def intercept_service(self, continuation, handler_call_details):
+        handler = continuation(handler_call_details)
+        method = handler_call_details.method
+
+        def handle(exc: BaseException, context: grpc.ServicerContext):
+            if isinstance(exc, IceError):
+                log.info("%s -> %s: %s", method, exc.code, exc.message)
+                context.abort_with_status(status_for(exc))
+            log.exception("%s failed", method)
+            context.abort(grpc.StatusCode.INTERNAL, "internal error; see the server log")
+
+        def is_abort(exc: BaseException, context) -> bool:
+            # context.abort() raises a bare Exception after setting a non-OK code: let it through.
+            try:
+                return context.code() not in (None, grpc.StatusCode.OK)
+            except Exception:
+                return False
+
+        def wrap_unary(behaviour):
+            def wrapped(request, context):
+                try:
+                    return behaviour(request, context)
+                except Exception as exc:
+                    if is_abort(exc, context):
+                        raise
+                    handle(exc, context)
+
+            return wrapped
+
+        def wrap_stream(behaviour):
+            def wrapped(request, context):
+                try:
+                    yield from behaviour(request, context)
+                except Exception as exc:
+                    if is_abort(exc, context):
+                        raise
+                    handle(exc, context)
+
+            return wrapped
+
+        return _wrap(handler, wrap_unary, wrap_stream)
+
+
+def iter_with_context_check(items: Iterator, context: grpc.ServicerContext) -> Iterator:
+    """Stop a server-side loop as soon as the client cancels or its deadline passes."""
+    for item in items:
+        if not context.is_active():
+            return
+        yield item

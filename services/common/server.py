@@ -1,0 +1,246 @@
+"""The one way every ICE service starts: `start_server(spec, settings)`.
+
+It gives each service, without the service writing any of it:
+- `grpc.health.v1` with liveness and readiness answerable separately: the service names `liveness` and
+  `readiness` (and the overall `""` plus each full service name, which follow readiness). Liveness is SERVING
+  as soon as the port is bound; readiness is NOT_SERVING until `spec.load()` has returned.
+- server reflection, Prometheus metrics with the go-grpc-prometheus names on their own HTTP port,
+  bearer-token auth, TLS / mutual TLS, explicit message-size, keepalive and connection-age options,
+  a concurrency cap (RESOURCE_EXHAUSTED beyond it), domain-error mapping, and graceful shutdown on SIGTERM.
+The service supplies only `register(server)` (add its servicers) and `load()` (load its models).
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+import time
+from collections.abc import Callable
+from concurrent import futures
+from dataclasses import dataclass, field
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+from prometheus_client import Gauge, start_http_server
+
+from services.common.interceptors import (
+    AuthInterceptor,
+    ErrorInterceptor,
+    MetricsInterceptor,
+    ReadinessInterceptor,
+)
+from services.common.settings import Settings
+
+log = logging.getLogger("ice.server")
+
+LIVENESS = "liveness"
+READINESS = "readiness"
+
+BUILD_INFO = Gauge("ice_build_info", "Server build and bundle (value 1).", ("service", "version", "bundle"))
+READY = Gauge("ice_ready", "1 once the models are loaded and the service answers, else 0.", ("service",))
+
+
+@dataclass
+class ServiceSpec:
+    """What a service hands the runtime."""
+
+    name: str  # short name: localizer | learner | evaluator
+    service_names: list[str]  # full gRPC service names, for health and reflection
+    register: Callable[[grpc.Server], None]
+    load: Callable[[], None] = lambda: None  # loads models; runs after the port is bound
+    on_shutdown: Callable[[], None] = lambda: None  # e.g. stop accepting jobs, checkpoint
+    version: str = "0.1.0"
+    bundle_digest: Callable[[], str] = lambda: ""
+
+
+@dataclass
+class RunningServer:
+    spec: ServiceSpec
+    settings: Settings
+    server: grpc.Server
+    health: health.HealthServicer
+    port: int
+    metrics_port: int | None
+    health_server: grpc.Server | None = None
+    health_port: int | None = None
+    ready: threading.Event = field(default_factory=threading.Event)
+    failed: threading.Event = field(default_factory=threading.Event)
+    load_error: BaseException | None = None
+    _stopped: threading.Event = field(default_factory=threading.Event)
+    _metrics_httpd: object | None = None
+
+    def set_ready(self, ready: bool) -> None:
+        status = health_pb2.HealthCheckResponse.SERVING if ready else health_pb2.HealthCheckResponse.NOT_SERVING
+        for name in ("", READINESS, *self.spec.service_names):
+            self.health.set(name, status)
+        READY.labels(self.spec.name).set(1 if ready else 0)
+        (self.ready.set if ready else self.ready.clear)()
+
+    def wait_ready(self, timeout: float | None = None) -> bool:
+        """Block until loaded (True) or the load failed / timed out (False)."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while not self.ready.is_set():
+            if self.failed.is_set():
+                return False
+            remaining = None if deadline is None else deadline - time.monotonic()
+            if remaining is not None and remaining <= 0:
+                return False
+            self.ready.wait(0.05 if remaining is None else min(0.05, remaining))
+        return True
+
+    def stop(self, grace: float | None = None) -> None:
+        """Graceful: readiness and liveness go NOT_SERVING, new RPCs are refused, in-flight ones get `grace`."""
+        if self._stopped.is_set():
+            return
+        self._stopped.set()
+        grace = self.settings.grace_seconds if grace is None else grace
+        log.info("%s: shutting down (grace %.1fs)", self.spec.name, grace)
+        self.ready.clear()
+        READY.labels(self.spec.name).set(0)
+        self.health.enter_graceful_shutdown()
+        try:
+            self.spec.on_shutdown()
+        except Exception:
+            log.exception("%s: on_shutdown failed", self.spec.name)
+        done = self.server.stop(grace)
+        if self.health_server is not None:
+            self.health_server.stop(0)
+        done.wait()
+        if self._metrics_httpd is not None:
+            self._metrics_httpd.shutdown()
+
+    def wait(self) -> None:
+        self.server.wait_for_termination()
+
+
+def _server_options(settings: Settings) -> list[tuple[str, int]]:
+    return [
+        ("grpc.max_receive_message_length", settings.max_message_bytes),
+        ("grpc.max_send_message_length", settings.max_message_bytes),
+        ("grpc.keepalive_time_ms", settings.keepalive_time_ms),
+        ("grpc.keepalive_timeout_ms", settings.keepalive_timeout_ms),
+        ("grpc.keepalive_permit_without_calls", 1),
+        ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
+        ("grpc.max_connection_age_ms", settings.max_connection_age_ms),
+        ("grpc.max_connection_age_grace_ms", settings.max_connection_age_grace_ms),
+        ("grpc.so_reuseport", 0),
+    ]
+
+
+def _credentials(settings: Settings) -> grpc.ServerCredentials | None:
+    if not settings.tls_cert:
+        return None
+    try:
+        key = settings.tls_key.read_bytes()
+        cert = settings.tls_cert.read_bytes()
+        client_ca = settings.tls_client_ca.read_bytes() if settings.tls_client_ca else None
+    except OSError as exc:
+        raise SystemExit(f"cannot read TLS file: {exc}") from exc
+    return grpc.ssl_server_credentials([(key, cert)], root_certificates=client_ca, require_client_auth=client_ca is not None)
+
+
+def start_server(spec: ServiceSpec, settings: Settings, *, load_in_background: bool = True) -> RunningServer:
+    """Bind, start serving health at once, then load the models (in a thread unless told otherwise)."""
+    holder: dict[str, RunningServer] = {}
+
+    def is_ready() -> bool:
+        running = holder.get("server")
+        return running is not None and running.ready.is_set()
+
+    interceptors: list[grpc.ServerInterceptor] = [MetricsInterceptor()]
+    token = settings.token()
+    if token:
+        interceptors.append(AuthInterceptor(token))
+    interceptors += [ReadinessInterceptor(is_ready), ErrorInterceptor()]
+
+    server = grpc.server(
+        futures.ThreadPoolExecutor(max_workers=settings.max_workers, thread_name_prefix=f"{spec.name}-rpc"),
+        interceptors=interceptors,
+        options=_server_options(settings),
+        maximum_concurrent_rpcs=settings.max_concurrent_rpcs,
+    )
+    health_servicer = health.HealthServicer(experimental_non_blocking=True)
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    spec.register(server)
+    reflection.enable_server_reflection(
+        (*spec.service_names, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
+        server,
+    )
+
+    address = f"{settings.host}:{settings.grpc_port(spec.name)}"
+    creds = _credentials(settings)
+    port = server.add_secure_port(address, creds) if creds else server.add_insecure_port(address)
+    if port == 0:
+        raise SystemExit(f"{spec.name}: cannot bind {address}")
+
+    health_server = None
+    health_port = None
+    if settings.health_port:
+        # Kubernetes' native gRPC probes cannot speak TLS: a plaintext port that serves only health.
+        health_server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
+        health_pb2_grpc.add_HealthServicer_to_server(health_servicer, health_server)
+        health_port = health_server.add_insecure_port(f"{settings.host}:{settings.health_port}")
+
+    metrics_port = settings.resolved_metrics_port(spec.name, port)
+    httpd = None
+    if metrics_port:
+        httpd, _thread = start_http_server(metrics_port, addr=settings.host)
+        metrics_port = httpd.server_port
+
+    running = RunningServer(spec, settings, server, health_servicer, port, metrics_port or None, health_server, health_port)
+    running._metrics_httpd = httpd
+    holder["server"] = running
+    running.set_ready(False)
+    health_servicer.set(LIVENESS, health_pb2.HealthCheckResponse.SERVING)
+    server.start()
+    if health_server is not None:
+        health_server.start()
+    log.info("%s: listening on %s (metrics :%s, tls %s, auth %s)", spec.name, port, metrics_port,
+             "mutual" if settings.tls_client_ca else ("on" if creds else "off"), "on" if token else "off")
+
+    def load() -> None:
+        started = time.perf_counter()
+        try:
+            spec.load()
+        except BaseException as exc:  # a bundle that cannot load: not live, so Kubernetes restarts us
+            running.load_error = exc
+            log.error("%s: loading failed: %s", spec.name, exc)
+            health_servicer.set(LIVENESS, health_pb2.HealthCheckResponse.NOT_SERVING)
+            running.failed.set()
+            return
+        BUILD_INFO.labels(spec.name, spec.version, spec.bundle_digest()).set(1)
+        running.set_ready(True)
+        log.info("%s: ready in %.1fs", spec.name, time.perf_counter() - started)
+
+    if load_in_background:
+        threading.Thread(target=load, name=f"{spec.name}-load", daemon=True).start()
+    else:
+        load()
+    return running
+
+
+def serve_forever(spec: ServiceSpec, settings: Settings) -> int:
+    """Run until SIGTERM/SIGINT (graceful) or a failed model load (exit code 1)."""
+    running = start_server(spec, settings)
+    stop_requested = threading.Event()
+
+    def on_signal(signum, _frame):
+        log.info("%s: received %s", spec.name, signal.Signals(signum).name)
+        stop_requested.set()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    while not stop_requested.is_set():
+        if running.failed.is_set():
+            running.stop(grace=0)
+            return 1
+        stop_requested.wait(0.2)
+    running.stop()
+    return 0
+
+
+def configure_logging(level: str) -> None:
+    logging.basicConfig(level=getattr(logging, level.upper(), logging.INFO),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")

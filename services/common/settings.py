@@ -1,0 +1,161 @@
+"""Every setting of every ICE service, declared once: name, type, default, environment variable, doc.
+
+A setting `foo_bar` is read from the flag `--foo-bar`, else the environment variable `ICE_FOO_BAR`, else its
+default (flags win over the environment, which wins over the default). `python -m services.<svc> --help`
+prints them all; `describe()` renders the table the README and the Kubernetes ConfigMap use.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from dataclasses import MISSING, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+# Default ports: gRPC for each service; each metrics port is the gRPC port + 1000.
+DEFAULT_PORTS = {"localizer": 50051, "learner": 50052, "evaluator": 50053}
+
+
+def _setting(default: Any, doc: str, services: tuple[str, ...] = ("all",), secret: bool = False):
+    return field(default=default, metadata={"doc": doc, "services": services, "secret": secret})
+
+
+def _parse_bool(text: str) -> bool:
+    value = text.strip().lower()
+    if value in ("1", "true", "yes", "on"):
+        return True
+    if value in ("0", "false", "no", "off", ""):
+        return False
+    raise ValueError(f"not a boolean: {text!r}")
+
+
+@dataclass(frozen=True)
+class Settings:
+    # --- the model bundle -------------------------------------------------------------------------------
+    bundle: Path | None = _setting(None, "Model bundle directory (see `ice-bundle`). Required to serve.")
+    verify_bundle_hashes: bool = _setting(
+        False, "Check every bundle file's sha256 at start-up (slower start; sizes are always checked)."
+    )
+    device: str = _setting("auto", "Torch device: auto (cuda when present, else cpu), cpu, cuda, cuda:N.")
+    # --- network ----------------------------------------------------------------------------------------
+    host: str = _setting("0.0.0.0", "Address the gRPC server binds.")
+    port: int = _setting(0, "gRPC port; 0 picks the service's default (localizer 50051, learner 50052, evaluator 50053).")
+    metrics_port: int = _setting(-1, "Prometheus /metrics HTTP port; -1 = gRPC port + 1000, 0 = disabled.")
+    health_port: int = _setting(
+        0, "Extra plaintext port serving only grpc.health.v1 (for Kubernetes probes when TLS is on); 0 = none."
+    )
+    max_message_bytes: int = _setting(64 * 1024 * 1024, "Largest gRPC message received or sent, in bytes.")
+    max_workers: int = _setting(16, "Threads serving RPCs.")
+    max_concurrent_rpcs: int = _setting(64, "RPCs in flight before new ones get RESOURCE_EXHAUSTED.")
+    keepalive_time_ms: int = _setting(30_000, "Server keepalive ping interval.")
+    keepalive_timeout_ms: int = _setting(10_000, "Keepalive ping timeout.")
+    max_connection_age_ms: int = _setting(
+        300_000, "Connections are closed (GOAWAY) after this age, so clients re-resolve and rebalance."
+    )
+    max_connection_age_grace_ms: int = _setting(600_000, "Grace for in-flight RPCs on an aged-out connection.")
+    grace_seconds: float = _setting(30.0, "On SIGTERM: time in-flight RPCs get to finish.")
+    # --- security ---------------------------------------------------------------------------------------
+    tls_cert: Path | None = _setting(None, "PEM server certificate; with --tls-key enables TLS.")
+    tls_key: Path | None = _setting(None, "PEM server private key.")
+    tls_client_ca: Path | None = _setting(None, "PEM CA bundle; when set, clients must present a certificate it signed (mTLS).")
+    auth_token: str | None = _setting(
+        None, "Bearer token required in `authorization: Bearer …` metadata (health is exempt).", secret=True
+    )
+    auth_token_file: Path | None = _setting(None, "File holding the bearer token (e.g. a mounted Secret).")
+    # --- logging ----------------------------------------------------------------------------------------
+    log_level: str = _setting("INFO", "Python logging level.")
+
+    # ------------------------------------------------------------------------------------------------------
+    def grpc_port(self, service: str) -> int:
+        return self.port or DEFAULT_PORTS.get(service, 50050)
+
+    def resolved_metrics_port(self, service: str, bound_grpc_port: int | None = None) -> int:
+        if self.metrics_port >= 0:
+            return self.metrics_port
+        return (bound_grpc_port or self.grpc_port(service)) + 1000
+
+    def token(self) -> str | None:
+        if self.auth_token:
+            return self.auth_token
+        if self.auth_token_file:
+            try:
+                return self.auth_token_file.read_text().strip() or None
+            except OSError as exc:
+                raise SystemExit(f"cannot read --auth-token-file {self.auth_token_file}: {exc}") from exc
+        return None
+
+    def redacted(self) -> dict[str, Any]:
+        """The settings as a dict for logs, with secrets masked."""
+        out = {}
+        for f in fields(self):
+            value = getattr(self, f.name)
+            out[f.name] = "***" if (f.metadata.get("secret") and value) else (str(value) if isinstance(value, Path) else value)
+        return out
+
+
+def env_name(name: str) -> str:
+    return "ICE_" + name.upper()
+
+
+def _converter(f) -> Any:
+    tp = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", str(f.type))
+    if "bool" in tp:
+        return _parse_bool
+    if "Path" in tp:
+        return Path
+    if "int" in tp:
+        return int
+    if "float" in tp:
+        return float
+    return str
+
+
+def add_arguments(parser: argparse.ArgumentParser, cls: type = Settings) -> None:
+    """One flag per setting; defaults stay None so that the environment can fill what the flags leave."""
+    for f in fields(cls):
+        flag = "--" + f.name.replace("_", "-")
+        help_text = f"{f.metadata.get('doc', '')} [env {env_name(f.name)}; default {f.default!r}]"
+        parser.add_argument(flag, dest=f.name, type=_converter(f), default=None, help=help_text)
+
+
+def from_sources(args: argparse.Namespace | None = None, env: dict[str, str] | None = None, cls: type = Settings, **overrides):
+    """Build settings: explicit overrides > flags > environment > defaults. Bad values raise SystemExit."""
+    env = os.environ if env is None else env
+    values: dict[str, Any] = {}
+    for f in fields(cls):
+        convert = _converter(f)
+        value = getattr(args, f.name, None) if args is not None else None
+        if value is None and env_name(f.name) in env:
+            raw = env[env_name(f.name)]
+            try:
+                value = convert(raw)
+            except ValueError as exc:
+                raise SystemExit(f"invalid value for {env_name(f.name)}: {raw!r} ({exc})") from exc
+        if f.name in overrides:
+            value = overrides[f.name]
+        if value is not None:
+            values[f.name] = value
+        elif f.default is MISSING:
+            raise SystemExit(f"missing required setting --{f.name.replace('_', '-')}")
+    settings = cls(**values)
+    validate(settings)
+    return settings
+
+
+def validate(settings: Settings) -> None:
+    if bool(settings.tls_cert) != bool(settings.tls_key):
+        raise SystemExit("--tls-cert and --tls-key must be given together")
+    if settings.tls_client_ca and not settings.tls_cert:
+        raise SystemExit("--tls-client-ca (mutual TLS) needs --tls-cert and --tls-key")
+    for name in ("max_message_bytes", "max_workers", "max_concurrent_rpcs"):
+        if getattr(settings, name) <= 0:
+            raise SystemExit(f"--{name.replace('_', '-')} must be positive")
+
+
+def describe(cls: type = Settings) -> str:
+    """A Markdown table of every setting (used by docs and tests)."""
+    rows = ["| flag | environment | default | meaning |", "|---|---|---|---|"]
+    for f in fields(cls):
+        rows.append(f"| `--{f.name.replace('_', '-')}` | `{env_name(f.name)}` | `{f.default!r}` | {f.metadata.get('doc', '')} |")
+    return "\n".join(rows)
