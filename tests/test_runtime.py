@@ -1,0 +1,346 @@
+"""The shared gRPC runtime, through real gRPC on loopback: health, reflection, metrics, errors, auth, TLS,
+concurrency cap and graceful shutdown. The servicer here is a test double on the real LocalizerService
+contract; the runtime under test is the production one."""
+
+from __future__ import annotations
+
+import datetime as dt
+import threading
+import time
+import urllib.request
+
+import grpc
+import pytest
+from google.rpc import error_details_pb2
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+from grpc_status import rpc_status
+from ice.localizer.v1 import localizer_pb2, localizer_pb2_grpc
+
+from services.common.errors import InvalidArgument, ResourceExhausted
+from services.common.server import ServiceSpec, start_server
+from services.common.settings import from_sources
+
+SERVICE = "ice.localizer.v1.LocalizerService"
+
+
+class FakeLocalizer(localizer_pb2_grpc.LocalizerServiceServicer):
+    def __init__(self):
+        self.release = threading.Event()
+        self.entered = threading.Event()
+
+    def Localize(self, request, context):
+        kind = request.image.decode(errors="replace")
+        if kind == "bad":
+            raise InvalidArgument("is not a decodable image", field="image")
+        if kind == "big":
+            raise ResourceExhausted("too large", field="image")
+        if kind == "crash":
+            raise RuntimeError("secret internal detail")
+        if kind == "slow":
+            self.entered.set()
+            self.release.wait(10)
+        return localizer_pb2.LocalizeResponse(width=7, height=9)
+
+
+def _start(load=lambda: None, **overrides):
+    fake = FakeLocalizer()
+    spec = ServiceSpec(
+        name="localizer",
+        service_names=[SERVICE],
+        register=lambda server: localizer_pb2_grpc.add_LocalizerServiceServicer_to_server(fake, server),
+        load=load,
+    )
+    settings = from_sources(env={}, **{"host": "127.0.0.1", "port": _free_port(), "metrics_port": 0, **overrides})
+    return start_server(spec, settings), fake
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _health(channel, service: str) -> int:
+    return health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service=service), timeout=5).status
+
+
+@pytest.fixture
+def server():
+    running, fake = _start()
+    assert running.wait_ready(10)
+    channel = grpc.insecure_channel(f"127.0.0.1:{running.port}")
+    yield running, fake, channel
+    channel.close()
+    running.stop(grace=0)
+
+
+def test_health_not_serving_until_loaded_then_serving():
+    loaded = threading.Event()
+    running, _ = _start(load=lambda: loaded.wait(10))
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{running.port}") as ch:
+            serving, not_serving = health_pb2.HealthCheckResponse.SERVING, health_pb2.HealthCheckResponse.NOT_SERVING
+            assert _health(ch, "liveness") == serving
+            assert _health(ch, "readiness") == not_serving
+            assert _health(ch, "") == not_serving
+            assert _health(ch, SERVICE) == not_serving
+            # calls before readiness are refused as retryable
+            with pytest.raises(grpc.RpcError) as err:
+                localizer_pb2_grpc.LocalizerServiceStub(ch).Localize(localizer_pb2.LocalizeRequest(image=b"x"), timeout=5)
+            assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+            loaded.set()
+            assert running.wait_ready(10)
+            assert _health(ch, "readiness") == serving
+            assert _health(ch, SERVICE) == serving
+    finally:
+        running.stop(grace=0)
+
+
+def test_failed_load_turns_liveness_off():
+    def broken():
+        raise RuntimeError("bundle missing diffusion/unet/config.json")
+
+    running, _ = _start(load=broken)
+    try:
+        assert not running.wait_ready(10)
+        assert running.failed.is_set()
+        with grpc.insecure_channel(f"127.0.0.1:{running.port}") as ch:
+            assert _health(ch, "liveness") == health_pb2.HealthCheckResponse.NOT_SERVING
+    finally:
+        running.stop(grace=0)
+
+
+def test_reflection_lists_the_service(server):
+    running, _, channel = server
+    stub = reflection_pb2_grpc.ServerReflectionStub(channel)
+    responses = stub.ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(list_services="")]), timeout=5)
+    names = {s.name for r in responses for s in r.list_services_response.service}
+    assert SERVICE in names and "grpc.health.v1.Health" in names
+
+
+def test_domain_errors_map_to_codes_with_field_violations(server):
+    _, _, channel = server
+    stub = localizer_pb2_grpc.LocalizerServiceStub(channel)
+    with pytest.raises(grpc.RpcError) as err:
+        stub.Localize(localizer_pb2.LocalizeRequest(image=b"bad"), timeout=5)
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    status = rpc_status.from_call(err.value)
+    bad_request = error_details_pb2.BadRequest()
+    assert status.details[0].Unpack(bad_request)
+    assert bad_request.field_violations[0].field == "image"
+
+    with pytest.raises(grpc.RpcError) as err:
+        stub.Localize(localizer_pb2.LocalizeRequest(image=b"big"), timeout=5)
+    assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+
+    with pytest.raises(grpc.RpcError) as err:
+        stub.Localize(localizer_pb2.LocalizeRequest(image=b"crash"), timeout=5)
+    assert err.value.code() == grpc.StatusCode.INTERNAL
+    assert "secret internal detail" not in err.value.details()
+    # and the service keeps serving
+    assert stub.Localize(localizer_pb2.LocalizeRequest(image=b"ok"), timeout=5).width == 7
+
+
+def test_unimplemented_method_is_unimplemented(server):
+    _, _, channel = server
+    with pytest.raises(grpc.RpcError) as err:
+        localizer_pb2_grpc.LocalizerServiceStub(channel).GetServerInfo(localizer_pb2.GetServerInfoRequest(), timeout=5)
+    assert err.value.code() == grpc.StatusCode.UNIMPLEMENTED
+
+
+def test_metrics_in_prometheus_text_format():
+    running, _ = _start(metrics_port=_free_port())
+    try:
+        assert running.wait_ready(10)
+        with grpc.insecure_channel(f"127.0.0.1:{running.port}") as ch:
+            stub = localizer_pb2_grpc.LocalizerServiceStub(ch)
+            stub.Localize(localizer_pb2.LocalizeRequest(image=b"ok"), timeout=5)
+            with pytest.raises(grpc.RpcError):
+                stub.Localize(localizer_pb2.LocalizeRequest(image=b"bad"), timeout=5)
+        body = urllib.request.urlopen(f"http://127.0.0.1:{running.metrics_port}/metrics", timeout=5).read().decode()
+    finally:
+        running.stop(grace=0)
+    labels = 'grpc_method="Localize",grpc_service="ice.localizer.v1.LocalizerService",grpc_type="unary"'
+    assert "# TYPE grpc_server_handled_total counter" in body
+    assert f"grpc_server_started_total{{{labels}}}" in body
+    assert f'grpc_server_handled_total{{grpc_code="OK",{labels}}}' in body
+    assert f'grpc_server_handled_total{{grpc_code="INVALID_ARGUMENT",{labels}}}' in body
+    assert "grpc_server_handling_seconds_bucket{" in body
+    assert 'ice_ready{service="localizer"} 1.0' in body
+
+
+def test_token_required_and_health_exempt():
+    running, _ = _start(auth_token="s3cret-token")
+    try:
+        assert running.wait_ready(10)
+        with grpc.insecure_channel(f"127.0.0.1:{running.port}") as ch:
+            stub = localizer_pb2_grpc.LocalizerServiceStub(ch)
+            req = localizer_pb2.LocalizeRequest(image=b"ok")
+            for metadata in (None, [("authorization", "Bearer wrong")], [("authorization", "Basic s3cret-token")]):
+                with pytest.raises(grpc.RpcError) as err:
+                    stub.Localize(req, timeout=5, metadata=metadata)
+                assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED
+            assert stub.Localize(req, timeout=5, metadata=[("authorization", "Bearer s3cret-token")]).width == 7
+            assert _health(ch, "readiness") == health_pb2.HealthCheckResponse.SERVING
+    finally:
+        running.stop(grace=0)
+
+
+def _make_ca(tmp_path, name):
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    def pem_key(key):
+        return key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+
+    now = dt.datetime.now(dt.UTC)
+    ca_key = ec.generate_private_key(ec.SECP256R1())
+    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, f"{name} test CA")])
+    ca = (
+        x509.CertificateBuilder().subject_name(ca_name).issuer_name(ca_name).public_key(ca_key.public_key())
+        .serial_number(x509.random_serial_number()).not_valid_before(now - dt.timedelta(minutes=1))
+        .not_valid_after(now + dt.timedelta(days=1))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .sign(ca_key, hashes.SHA256())
+    )
+
+    def leaf(common_name, server: bool):
+        key = ec.generate_private_key(ec.SECP256R1())
+        builder = (
+            x509.CertificateBuilder().subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)]))
+            .issuer_name(ca_name).public_key(key.public_key()).serial_number(x509.random_serial_number())
+            .not_valid_before(now - dt.timedelta(minutes=1)).not_valid_after(now + dt.timedelta(days=1))
+        )
+        if server:
+            import ipaddress
+
+            builder = builder.add_extension(
+                x509.SubjectAlternativeName([x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
+                critical=False,
+            )
+        cert = builder.sign(ca_key, hashes.SHA256())
+        return pem_key(key), cert.public_bytes(serialization.Encoding.PEM)
+
+    ca_pem = ca.public_bytes(serialization.Encoding.PEM)
+    (tmp_path / f"{name}-ca.pem").write_bytes(ca_pem)
+    return ca_pem, leaf
+
+
+def test_tls_and_mutual_tls(tmp_path):
+    ca_pem, leaf = _make_ca(tmp_path, "good")
+    server_key, server_cert = leaf("localhost", server=True)
+    client_key, client_cert = leaf("client", server=False)
+    _, other_leaf = _make_ca(tmp_path, "other")
+    rogue_key, rogue_cert = other_leaf("rogue", server=False)
+    for name, data in (("server.key", server_key), ("server.pem", server_cert)):
+        (tmp_path / name).write_bytes(data)
+
+    # TLS: a client trusting the CA succeeds
+    running, _ = _start(tls_cert=tmp_path / "server.pem", tls_key=tmp_path / "server.key")
+    try:
+        assert running.wait_ready(10)
+        creds = grpc.ssl_channel_credentials(root_certificates=ca_pem)
+        with grpc.secure_channel(f"localhost:{running.port}", creds) as ch:
+            stub = localizer_pb2_grpc.LocalizerServiceStub(ch)
+            assert stub.Localize(localizer_pb2.LocalizeRequest(image=b"ok"), timeout=10).width == 7
+        with grpc.insecure_channel(f"localhost:{running.port}") as ch:  # plaintext to a TLS port fails
+            with pytest.raises(grpc.RpcError):
+                localizer_pb2_grpc.LocalizerServiceStub(ch).Localize(localizer_pb2.LocalizeRequest(image=b"ok"), timeout=3)
+    finally:
+        running.stop(grace=0)
+
+    # mTLS: a certificate from our CA is accepted; none, or one from another CA, is refused
+    running, _ = _start(
+        tls_cert=tmp_path / "server.pem", tls_key=tmp_path / "server.key", tls_client_ca=tmp_path / "good-ca.pem"
+    )
+    try:
+        assert running.wait_ready(10)
+        req = localizer_pb2.LocalizeRequest(image=b"ok")
+        good = grpc.ssl_channel_credentials(ca_pem, private_key=client_key, certificate_chain=client_cert)
+        with grpc.secure_channel(f"localhost:{running.port}", good) as ch:
+            assert localizer_pb2_grpc.LocalizerServiceStub(ch).Localize(req, timeout=10).width == 7
+        for creds in (
+            grpc.ssl_channel_credentials(ca_pem),
+            grpc.ssl_channel_credentials(ca_pem, private_key=rogue_key, certificate_chain=rogue_cert),
+        ):
+            with grpc.secure_channel(f"localhost:{running.port}", creds) as ch:
+                with pytest.raises(grpc.RpcError) as err:
+                    localizer_pb2_grpc.LocalizerServiceStub(ch).Localize(req, timeout=5)
+                assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+    finally:
+        running.stop(grace=0)
+
+
+def test_plaintext_health_port_beside_tls(tmp_path):
+    ca_pem, leaf = _make_ca(tmp_path, "hp")
+    key, cert = leaf("localhost", server=True)
+    (tmp_path / "k").write_bytes(key)
+    (tmp_path / "c").write_bytes(cert)
+    running, _ = _start(tls_cert=tmp_path / "c", tls_key=tmp_path / "k", health_port=_free_port())
+    try:
+        assert running.wait_ready(10)
+        with grpc.insecure_channel(f"127.0.0.1:{running.health_port}") as ch:
+            assert _health(ch, "readiness") == health_pb2.HealthCheckResponse.SERVING
+    finally:
+        running.stop(grace=0)
+
+
+def test_graceful_shutdown_finishes_in_flight_and_refuses_new(server):
+    running, fake, channel = server
+    stub = localizer_pb2_grpc.LocalizerServiceStub(channel)
+    future = stub.Localize.future(localizer_pb2.LocalizeRequest(image=b"slow"), timeout=15)
+    assert fake.entered.wait(5)
+    stopper = threading.Thread(target=running.stop, kwargs={"grace": 10})
+    stopper.start()
+    time.sleep(0.3)
+    # new calls on a fresh connection are refused while draining
+    with grpc.insecure_channel(f"127.0.0.1:{running.port}") as fresh:
+        with pytest.raises(grpc.RpcError) as err:
+            localizer_pb2_grpc.LocalizerServiceStub(fresh).Localize(localizer_pb2.LocalizeRequest(image=b"ok"), timeout=3)
+        assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+    fake.release.set()
+    assert future.result().width == 7  # the in-flight call completed
+    stopper.join(15)
+    assert not stopper.is_alive()
+
+
+def test_concurrency_cap_answers_resource_exhausted():
+    running, fake = _start(max_concurrent_rpcs=2)
+    try:
+        assert running.wait_ready(10)
+        with grpc.insecure_channel(f"127.0.0.1:{running.port}") as ch:
+            stub = localizer_pb2_grpc.LocalizerServiceStub(ch)
+            slow = [stub.Localize.future(localizer_pb2.LocalizeRequest(image=b"slow"), timeout=15) for _ in range(2)]
+            assert fake.entered.wait(5)
+            time.sleep(0.3)
+            with pytest.raises(grpc.RpcError) as err:
+                stub.Localize(localizer_pb2.LocalizeRequest(image=b"ok"), timeout=5)
+            assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+            fake.release.set()
+            assert all(f.result().width == 7 for f in slow)
+    finally:
+        running.stop(grace=0)
+
+
+def test_settings_precedence_and_validation(tmp_path):
+    import argparse
+
+    from services.common.settings import add_arguments
+
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    args = parser.parse_args(["--port", "6000"])
+    s = from_sources(args, env={"ICE_PORT": "7000", "ICE_MAX_WORKERS": "3", "ICE_VERIFY_BUNDLE_HASHES": "yes"})
+    assert s.port == 6000 and s.max_workers == 3 and s.verify_bundle_hashes is True
+    with pytest.raises(SystemExit, match="ICE_MAX_WORKERS"):
+        from_sources(env={"ICE_MAX_WORKERS": "many"})
+    with pytest.raises(SystemExit, match="together"):
+        from_sources(env={"ICE_TLS_CERT": str(tmp_path / "c")})
+    (tmp_path / "tok").write_text("abc\n")
+    assert from_sources(env={"ICE_AUTH_TOKEN_FILE": str(tmp_path / "tok")}).token() == "abc"
+    assert from_sources(env={"ICE_AUTH_TOKEN": "zzz"}).redacted()["auth_token"] == "***"
