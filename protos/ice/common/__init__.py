@@ -1,0 +1,1 @@
+"""Generated package ice.common (see protos/generate.py)."""

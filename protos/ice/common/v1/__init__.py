@@ -1,0 +1,1 @@
+"""Generated package ice.common.v1 (see protos/generate.py)."""

@@ -1,0 +1,1 @@
+"""Generated package ice.evaluator (see protos/generate.py)."""

@@ -1,0 +1,1 @@
+"""Generated package ice.evaluator.v1 (see protos/generate.py)."""

@@ -1,0 +1,1 @@
+"""Generated package ice.learner (see protos/generate.py)."""

@@ -1,0 +1,1 @@
+"""Generated package ice.learner.v1 (see protos/generate.py)."""

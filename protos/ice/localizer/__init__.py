@@ -1,0 +1,1 @@
+"""Generated package ice.localizer (see protos/generate.py)."""

@@ -1,0 +1,1 @@
+"""Generated package ice.localizer.v1 (see protos/generate.py)."""
