@@ -15,8 +15,8 @@ from google.rpc import error_details_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from grpc_status import rpc_status
-from ice.localizer.v1 import localizer_pb2, localizer_pb2_grpc
 
+from ice.localizer.v1 import localizer_pb2, localizer_pb2_grpc
 from services.common.errors import InvalidArgument, ResourceExhausted
 from services.common.server import ServiceSpec, start_server
 from services.common.settings import from_sources
