@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 from google.longrunning import operations_pb2
 from google.protobuf import descriptor_pb2, descriptor_pool
+
 from ice.common.v1 import common_pb2
 from ice.evaluator.v1 import evaluator_pb2
 from ice.learner.v1 import learner_pb2
