@@ -159,3 +159,39 @@ def describe(cls: type = Settings) -> str:
     for f in fields(cls):
         rows.append(f"| `--{f.name.replace('_', '-')}` | `{env_name(f.name)}` | `{f.default!r}` | {f.metadata.get('doc', '')} |")
     return "\n".join(rows)
+
+
+# --- per-service settings: each service's settings extend the shared ones --------------------------------------
+@dataclass(frozen=True)
+class LocalizerSettings(Settings):
+    max_concepts: int = _setting(8, "Default cap on concepts per image (a request may ask for fewer or more, up to 32).",
+                                 ("localizer",))
+    onnx_providers: str = _setting(
+        "auto", "onnxruntime providers, comma-separated (auto = CUDAExecutionProvider when present, then CPU).",
+        ("localizer", "evaluator"))
+    kl_backend: str = _setting("auto", "Attention-merge kernel: auto (Triton on CUDA, torch elsewhere), triton, torch.",
+                               ("localizer",))
+
+
+@dataclass(frozen=True)
+class LearnerSettings(Settings):
+    job_store: Path = _setting(Path("ice-jobs"), "Directory of the job database (SQLite), checkpoints and artifacts.",
+                               ("learner",))
+    queue_size: int = _setting(8, "Jobs waiting behind the running one; beyond it CreateLearningJob is RESOURCE_EXHAUSTED.",
+                               ("learner",))
+    checkpoint_every: int = _setting(50, "Default steps between checkpoints (a request may override).", ("learner",))
+    max_total_steps: int = _setting(20_000, "Largest phase1+phase2+refinement step count a job may ask for.",
+                                    ("learner",))
+    class_images_dir: Path | None = _setting(
+        None, "Cache of prior-preservation class images shared by all jobs; default <job-store>/class-images.",
+        ("learner",))
+    resume_jobs: bool = _setting(True, "On start, resume unfinished jobs from their last checkpoint.", ("learner",))
+
+
+@dataclass(frozen=True)
+class EvaluatorSettings(Settings):
+    batch_size: int = _setting(32, "Images embedded per encoder forward pass.", ("evaluator",))
+    max_images_per_request: int = _setting(1024, "Generated images one Evaluate request may carry.", ("evaluator",))
+    onnx_providers: str = _setting(
+        "auto", "onnxruntime providers, comma-separated (auto = CUDAExecutionProvider when present, then CPU).",
+        ("localizer", "evaluator"))
