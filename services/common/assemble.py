@@ -1,0 +1,453 @@
+"""Assemble a model bundle from real local weights, and the finishing steps shared with the tiny bundle.
+
+`assemble_bundle` copies (hard-links where possible) a diffusers Stable Diffusion directory, an open_clip config and
+safetensors weights and a DINO ViT directory into the bundle layout (see `services.common.bundle`), then
+`finalize_bundle` exports the CLIP image tower to ONNX, embeds the vocabulary once (the SpLiCE dictionary and the
+image mean) and writes bundle.json with the sha256 of every file. Pickled weights (.bin, .ckpt, .pt, ...) are never
+read or copied. Nothing is downloaded.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import os
+import shutil
+import time
+import warnings
+from collections.abc import Callable, Iterable
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from services.common import bundle as B
+from services.common.errors import BundleError
+
+Progress = Callable[[str], None]
+
+PICKLE_SUFFIXES = (".bin", ".ckpt", ".pt", ".pth", ".pkl", ".pickle")
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
+# Photographs shipped inside scikit-image (no download): the default source of the CLIP image mean.
+SKIMAGE_PHOTOS = (
+    "astronaut", "coffee", "chelsea", "rocket", "camera", "coins", "hubble_deep_field", "immunohistochemistry",
+    "moon", "colorwheel", "grass", "gravel", "brick", "clock", "page",
+)  # fmt: skip
+DIFFUSION_COMPONENTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
+ONNX_OPSET = 17
+
+
+def _noop(_: str) -> None:
+    pass
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# staging: build into a hidden sibling directory, then rename into place
+
+
+def staging_dir(out: Path, force: bool) -> Path:
+    out = Path(out)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not force:
+        raise FileExistsError(f"{out} exists and is not empty (use --force to replace it)")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.parent / f".{out.name}.partial-{os.getpid()}"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir()
+    return tmp
+
+
+def commit_staging(tmp: Path, out: Path) -> Path:
+    out = Path(out)
+    for f in tmp.rglob("*"):  # safetensors writes 0600 files; a bundle is read by other users (containers)
+        if f.is_file() and not f.is_symlink() and f.stat().st_nlink == 1:  # never touch hard-linked sources
+            f.chmod(f.stat().st_mode | 0o044)
+    if out.exists():
+        shutil.rmtree(out) if out.is_dir() else out.unlink()
+    tmp.rename(out)
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# CLIP: ONNX export, vocabulary dictionary, image mean
+
+
+class _ImageTower(torch.nn.Module):
+    def __init__(self, clip_model):
+        super().__init__()
+        self.clip = clip_model
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        return self.clip.encode_image(pixel_values, normalize=False)
+
+
+def _export(tower, x, path: Path, kwargs: dict) -> None:
+    try:
+        torch.onnx.export(
+            tower, (x,), str(path), dynamic_axes={"pixel_values": {0: "batch"}, "image_embeds": {0: "batch"}},
+            dynamo=False, do_constant_folding=True, **kwargs,
+        )  # fmt: skip
+    except Exception:  # noqa: BLE001 - a torch without the legacy exporter: use the dynamo exporter (onnxscript)
+        batch = torch.export.Dim("batch", min=1, max=4096)
+        torch.onnx.export(
+            tower, (x,), str(path), dynamic_shapes=({0: batch},), dynamo=True, external_data=False, **kwargs
+        )
+
+
+def export_clip_onnx(clip_model, path: Path, image_size: int, opset: int = ONNX_OPSET) -> None:
+    """Export the image tower: pixel_values f32 [N,3,S,S] -> image_embeds f32 [N,D] (not normalised)."""
+    tower = _ImageTower(clip_model).eval().float()
+    x = torch.zeros(2, 3, image_size, image_size, dtype=torch.float32)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    kwargs = dict(
+        input_names=["pixel_values"],
+        output_names=["image_embeds"],
+        opset_version=opset,
+    )
+    with warnings.catch_warnings():  # the tracer's warnings are about shape checks that hold for every batch
+        warnings.simplefilter("ignore")
+        _export(tower, x, path, kwargs)
+    import onnx
+
+    model = onnx.load(str(path))
+    onnx.checker.check_model(model)
+    # Strip exporter doc strings (they may hold source paths) so that the file is reproducible.
+    for node in model.graph.node:
+        node.doc_string = ""
+    model.producer_version = ""
+    onnx.save(model, str(path))
+
+
+@torch.no_grad()
+def compute_text_dictionary(clip_model, tokenize, words: list[str], batch: int = 256) -> torch.Tensor:
+    """SpLiCE dictionary: encode each word alone, L2-normalise, subtract the mean over words, L2-normalise."""
+    chunks = []
+    for i in range(0, len(words), batch):
+        tokens = tokenize(words[i : i + batch])
+        chunks.append(clip_model.encode_text(tokens).float())
+    emb = torch.nn.functional.normalize(torch.cat(chunks), dim=-1)
+    emb = emb - emb.mean(dim=0, keepdim=True)
+    return torch.nn.functional.normalize(emb, dim=-1).contiguous()
+
+
+def load_mean_images(source: str | Path | None) -> tuple[list, str]:
+    """(list of PIL RGB images, description). `source` None -> scikit-image's shipped photographs."""
+    from PIL import Image
+
+    if source is None:
+        try:
+            import skimage.data as skd
+        except ImportError:
+            raise BundleError("scikit-image is not installed; pass --image-mean-from DIR", None) from None
+        images = []
+        for name in SKIMAGE_PHOTOS:
+            arr = np.asarray(getattr(skd, name)())
+            if arr.dtype == bool:
+                arr = arr.astype(np.uint8) * 255
+            images.append(Image.fromarray(arr).convert("RGB"))
+        return images, "skimage.data:" + ",".join(SKIMAGE_PHOTOS)
+    folder = Path(source)
+    files = (
+        sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES) if folder.is_dir() else []
+    )
+    if not files:
+        raise BundleError("no images (png/jpg/webp/bmp/tif) found", str(folder))
+    images = []
+    for p in files:
+        try:
+            with Image.open(p) as im:
+                images.append(im.convert("RGB"))
+        except Exception as e:  # noqa: BLE001 - PIL raises many kinds
+            raise BundleError(f"cannot read image: {e}", str(p)) from None
+    return images, f"dir:{folder.name}:{len(images)} images"
+
+
+@torch.no_grad()
+def compute_image_mean(clip_model, preprocess, images: Iterable, batch: int = 16) -> torch.Tensor:
+    """Mean of the L2-normalised CLIP image embeddings of `images` (PIL)."""
+    images = list(images)
+    total = None
+    for i in range(0, len(images), batch):
+        x = torch.stack([preprocess(im) for im in images[i : i + batch]])
+        z = torch.nn.functional.normalize(clip_model.encode_image(x).float(), dim=-1)
+        s = z.sum(dim=0)
+        total = s if total is None else total + s
+    return (total / len(images)).contiguous()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# summaries and bundle.json
+
+
+def attention_resolutions(unet_cfg: dict) -> list[int]:
+    """Latent resolutions (side, px of the latent) at which the UNet has self- and cross-attention, descending."""
+    size = int(
+        unet_cfg["sample_size"]
+        if not isinstance(unet_cfg["sample_size"], list)
+        else unet_cfg["sample_size"][0]
+    )
+    downs, ups = unet_cfg["down_block_types"], unet_cfg["up_block_types"]
+    n = len(downs)
+    res = {size // 2**i for i, t in enumerate(downs) if "CrossAttn" in t}
+    res |= {size // 2 ** (n - 1 - i) for i, t in enumerate(ups) if "CrossAttn" in t}
+    if "CrossAttn" in str(unet_cfg.get("mid_block_type") or "UNetMidBlock2DCrossAttn"):
+        res.add(size // 2 ** (n - 1))
+    return sorted(res, reverse=True)
+
+
+def diffusion_summary(diff_dir: Path) -> dict:
+    unet = json.loads((diff_dir / "unet/config.json").read_text())
+    vae = json.loads((diff_dir / "vae/config.json").read_text())
+    te = json.loads((diff_dir / "text_encoder/config.json").read_text())
+    sched = json.loads((diff_dir / "scheduler/scheduler_config.json").read_text())
+    factor = 2 ** (len(vae["block_out_channels"]) - 1)
+    latent = int(unet["sample_size"] if not isinstance(unet["sample_size"], list) else unet["sample_size"][0])
+    return {
+        "image_size": latent * factor,
+        "latent_size": latent,
+        "latent_channels": int(unet["in_channels"]),
+        "vae_scale_factor": factor,
+        "vae_scaling_factor": vae.get("scaling_factor", 0.18215),
+        "attention_resolutions": attention_resolutions(unet),
+        "cross_attention_dim": unet["cross_attention_dim"],
+        "unet_block_out_channels": unet["block_out_channels"],
+        "text_hidden_size": te["hidden_size"],
+        "text_eos_token_id": te.get("eos_token_id"),
+        "prediction_type": sched.get("prediction_type", "epsilon"),
+        "scheduler": sched.get("_class_name"),
+        "num_train_timesteps": sched.get("num_train_timesteps"),
+    }
+
+
+def write_bundle_json(
+    root: Path, *, name: str, version: str, kind: str, precision: str, components: dict
+) -> dict:
+    files = B.file_table(root)
+    info = {
+        "format_version": B.FORMAT_VERSION,
+        "name": name,
+        "version": version,
+        "created": _dt.datetime.now(_dt.UTC).replace(microsecond=0).isoformat(),
+        "kind": kind,
+        "image_size": int(components["diffusion"]["image_size"]),
+        "precision": precision,
+        "components": components,
+        "files": files,
+        "digest": B.compute_digest(files),
+    }
+    (root / B.BUNDLE_JSON).write_text(json.dumps(info, indent=2, sort_keys=False) + "\n", encoding="utf-8")
+    return info
+
+
+def finalize_bundle(
+    root: Path,
+    *,
+    name: str,
+    version: str,
+    kind: str,
+    precision: str,
+    image_mean_from: str | Path | None = None,
+    progress: Progress = _noop,
+) -> dict:
+    """Given diffusion/, clip/{config,weights}, dino/ and vocab/vocab.tsv in `root`: export ONNX, embed the
+    vocabulary and the image mean, write bundle.json. Returns the bundle info."""
+    from safetensors.torch import save_file
+
+    root = Path(root)
+    cfg = B.normalise_open_clip_config(json.loads((root / B.CLIP_CONFIG).read_text()))
+    (root / B.CLIP_CONFIG).write_text(json.dumps(cfg, indent=2) + "\n")
+    model = B.build_open_clip_model(cfg)
+    try:
+        model.load_state_dict(B._load_safetensors(root, B.CLIP_WEIGHTS), strict=True)
+    except RuntimeError as e:
+        raise BundleError(f"open_clip weights do not match the config: {e}", B.CLIP_WEIGHTS) from None
+    model.eval()
+    pre = cfg["preprocess_cfg"]
+
+    progress(f"exporting CLIP image encoder to ONNX (opset {ONNX_OPSET})")
+    export_clip_onnx(model, root / B.CLIP_ONNX, pre["image_size"])
+
+    words, pos, _ = B.read_vocab_tsv(root / B.VOCAB_TSV)
+    progress(f"embedding {len(words)} vocabulary words")
+    from open_clip.tokenizer import SimpleTokenizer
+
+    tokenize = SimpleTokenizer(context_length=int(cfg["text_cfg"].get("context_length", 77)))
+    text = compute_text_dictionary(model, tokenize, words)
+    images, mean_source = load_mean_images(image_mean_from)
+    progress(f"computing the CLIP image mean over {len(images)} images")
+    image_mean = compute_image_mean(model, B.clip_image_transform(pre), images)
+    save_file(
+        {"text": text, "image_mean": image_mean}, str(root / B.VOCAB_EMBEDDINGS), metadata={"format": "pt"}
+    )
+
+    dino_cfg = json.loads((root / B.DINO_DIR / "config.json").read_text())
+    clip_sha = B.sha256_file(root / B.CLIP_WEIGHTS)
+    components = {
+        "diffusion": diffusion_summary(root / B.DIFFUSION_DIR),
+        "clip": {
+            "model_name": cfg["model_name"],
+            "embed_dim": int(cfg["embed_dim"]),
+            "image_size": pre["image_size"],
+            "mean": pre["mean"],
+            "std": pre["std"],
+            "onnx_opset": ONNX_OPSET,
+            "weights_sha256": clip_sha,
+        },
+        "dino": {
+            "hidden_size": dino_cfg.get("hidden_size"),
+            "image_size": dino_cfg.get("image_size"),
+            "patch_size": dino_cfg.get("patch_size"),
+        },
+        "vocab": {
+            "size": len(words),
+            "nouns": sum(p == "noun" for p in pos),
+            "dim": int(text.shape[1]),
+            "embedding_model": cfg["model_name"],
+            "embedding_model_sha256": clip_sha,
+            "image_mean_source": mean_source,
+            "image_mean_count": len(images),
+        },
+    }
+    progress("hashing files and writing bundle.json")
+    return write_bundle_json(
+        root, name=name, version=version, kind=kind, precision=precision, components=components
+    )
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# assemble from real weights
+
+
+def _place(src: Path, dst: Path, link: bool) -> None:
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    if link:
+        try:
+            os.link(src, dst)
+            return
+        except OSError:
+            pass
+    shutil.copyfile(src, dst)
+
+
+def _is_variant(name: str) -> bool:
+    parts = name.split(".")
+    return len(parts) > 2 and parts[-2] in {"fp16", "bf16", "fp32", "non_ema", "ema"}
+
+
+def _copy_component(
+    src: Path, dst: Path, label: str, link: bool, progress: Progress, weights_required: bool = True
+):
+    """Copy json/txt/safetensors of one model folder; refuse a folder whose weights are only pickles."""
+    if not src.is_dir():
+        raise BundleError(f"{label}: directory not found", str(src))
+    files = [p for p in sorted(src.rglob("*")) if p.is_file()]
+    pickles = [p for p in files if p.suffix.lower() in PICKLE_SUFFIXES]
+    safes = [p for p in files if p.suffix == ".safetensors" and not _is_variant(p.name)]
+    if weights_required and not safes:
+        if pickles:
+            raise BundleError(
+                f"{label}: only pickled weights ({pickles[0].name}); convert them to .safetensors first "
+                "(pickles can execute code and are refused)",
+                str(pickles[0]),
+            )
+        if not [p for p in files if p.suffix == ".safetensors"]:
+            raise BundleError(f"{label}: no .safetensors weights found", str(src))
+        raise BundleError(
+            f"{label}: only variant (e.g. fp16) safetensors found; a plain one is required", str(src)
+        )
+    if pickles:
+        progress(f"  {label}: ignoring {len(pickles)} pickled file(s), using safetensors")
+    for p in files:
+        if p.suffix in (".json", ".txt") or (p.suffix == ".safetensors" and not _is_variant(p.name)):
+            _place(p, dst / p.relative_to(src), link)
+
+
+def assemble_bundle(
+    out: str | Path,
+    sd_dir: str | Path,
+    open_clip_config: str | Path,
+    open_clip_weights: str | Path,
+    dino_dir: str | Path,
+    vocab_tsv: str | Path,
+    image_mean_from: str | Path | None = None,
+    *,
+    name: str | None = None,
+    version: str = "1",
+    precision: str = "float16",
+    force: bool = False,
+    link: bool = True,
+    progress: Progress = _noop,
+) -> Path:
+    """Build a bundle at `out` from local weights (see the module docstring). Returns `out`."""
+    out, sd_dir, dino_dir = Path(out), Path(sd_dir), Path(dino_dir)
+    open_clip_config, open_clip_weights, vocab_tsv = (
+        Path(open_clip_config),
+        Path(open_clip_weights),
+        Path(vocab_tsv),
+    )
+    if precision not in ("float32", "float16", "bfloat16"):
+        raise ValueError(f"precision must be float32, float16 or bfloat16, not {precision!r}")
+    if open_clip_weights.suffix != ".safetensors":
+        raise BundleError(
+            "open_clip weights must be a .safetensors file (pickles are refused)", str(open_clip_weights)
+        )
+    for p in (open_clip_config, open_clip_weights, vocab_tsv):
+        if not p.is_file():
+            raise BundleError("file not found", str(p))
+    if not (sd_dir / "model_index.json").is_file():
+        raise BundleError("not a diffusers pipeline directory (no model_index.json)", str(sd_dir))
+    B.read_vocab_tsv(vocab_tsv, rel=str(vocab_tsv))
+    try:
+        raw_cfg = json.loads(open_clip_config.read_text(encoding="utf-8"))
+        clip_cfg = B.normalise_open_clip_config(raw_cfg, model_name=open_clip_config.stem)
+    except (ValueError, TypeError, KeyError) as e:
+        raise BundleError(f"bad open_clip config: {e}", str(open_clip_config)) from None
+
+    t0 = time.perf_counter()
+    tmp = staging_dir(out, force)
+    try:
+        progress(f"copying the diffusion pipeline from {sd_dir}")
+        diff = tmp / B.DIFFUSION_DIR
+        for comp in DIFFUSION_COMPONENTS:
+            _copy_component(sd_dir / comp, diff / comp, comp, link, progress,
+                            weights_required=comp in ("unet", "vae", "text_encoder"))  # fmt: skip
+        index = json.loads((sd_dir / "model_index.json").read_text())
+        for key in ("safety_checker", "feature_extractor", "image_encoder"):
+            if key in index:
+                index[key] = [None, None]
+        index["requires_safety_checker"] = False
+        (diff / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")
+
+        progress("copying open_clip config and weights")
+        (tmp / "clip").mkdir()
+        (tmp / B.CLIP_CONFIG).write_text(json.dumps(clip_cfg, indent=2) + "\n")
+        _place(open_clip_weights, tmp / B.CLIP_WEIGHTS, link)
+
+        progress(f"copying the DINO model from {dino_dir}")
+        _copy_component(dino_dir, tmp / B.DINO_DIR, "dino", link, progress)
+        if not (tmp / B.DINO_DIR / "preprocessor_config.json").is_file():
+            from transformers import ViTImageProcessor
+
+            dcfg = json.loads((tmp / B.DINO_DIR / "config.json").read_text())
+            size = int(dcfg.get("image_size", 224))
+            ViTImageProcessor(size={"height": size, "width": size}, resample=3).save_pretrained(
+                tmp / B.DINO_DIR
+            )
+        (tmp / "vocab").mkdir()
+        shutil.copyfile(vocab_tsv, tmp / B.VOCAB_TSV)
+
+        info = finalize_bundle(
+            tmp,
+            name=name or out.name,
+            version=version,
+            kind="assembled",
+            precision=precision,
+            image_mean_from=image_mean_from,
+            progress=progress,
+        )
+        commit_staging(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    progress(f"assembled {info['name']} in {time.perf_counter() - t0:.1f}s")
+    return out

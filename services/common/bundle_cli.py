@@ -1,0 +1,119 @@
+"""`ice-bundle`: make, assemble and verify model bundles.
+
+    ice-bundle tiny --out DIR [--seed N] [--force]
+    ice-bundle assemble --out DIR --diffusion DIR --open-clip-config FILE --open-clip-weights FILE --dino DIR \\
+        --vocab FILE [--image-mean-from DIR] [--name NAME] [--precision float16] [--force]
+    ice-bundle verify DIR
+
+Exit codes: 0 ok, 1 a bundle problem (one line naming the file on stderr), 2 bad arguments.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+
+from services.common.errors import BundleError
+
+
+def _say(msg: str) -> None:
+    print(msg, flush=True)
+
+
+def _size(root: Path) -> int:
+    return sum(p.stat().st_size for p in root.rglob("*") if p.is_file())
+
+
+def _summary(root: Path, t0: float) -> None:
+    from services.common.bundle import Bundle
+
+    b = Bundle.open(root)
+    _say(
+        f"bundle {b.name} ({b.info['kind']}) at {root}: {len(b.info['files'])} files, "
+        f"{_size(root) / 1e6:.1f} MB, image_size {b.image_size}, precision {b.precision}, "
+        f"digest {b.digest}, {time.perf_counter() - t0:.1f}s"
+    )
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="ice-bundle", description="Make, assemble and verify ICE model bundles.")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    t = sub.add_parser("tiny", help="generate the tiny deterministic random bundle (tests, offline demo)")
+    t.add_argument("--out", required=True, type=Path)
+    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--force", action="store_true", help="replace --out if it exists")
+
+    a = sub.add_parser("assemble", help="assemble a bundle from real local weights")
+    a.add_argument("--out", required=True, type=Path)
+    a.add_argument("--diffusion", required=True, type=Path, help="diffusers Stable Diffusion directory")
+    a.add_argument("--open-clip-config", required=True, type=Path, help="open_clip model config JSON")
+    a.add_argument("--open-clip-weights", required=True, type=Path, help="open_clip weights (.safetensors)")
+    a.add_argument("--dino", required=True, type=Path, help="transformers ViT (DINO) directory")
+    a.add_argument("--vocab", required=True, type=Path, help="vocabulary TSV: word, pos, frequency")
+    a.add_argument(
+        "--image-mean-from", type=Path, default=None, help="directory of images for the CLIP image mean"
+    )
+    a.add_argument("--name", default=None)
+    a.add_argument("--version", default="1")
+    a.add_argument("--precision", default="float16", choices=["float32", "float16", "bfloat16"])
+    a.add_argument("--copy", action="store_true", help="copy files instead of hard-linking them")
+    a.add_argument("--force", action="store_true", help="replace --out if it exists")
+
+    v = sub.add_parser("verify", help="check hashes and load every component")
+    v.add_argument("dir", type=Path)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    t0 = time.perf_counter()
+    try:
+        if args.command == "tiny":
+            from services.common.tiny_bundle import build_tiny_bundle
+
+            build_tiny_bundle(args.out, seed=args.seed, force=args.force, progress=_say)
+            _summary(args.out, t0)
+        elif args.command == "assemble":
+            from services.common.assemble import assemble_bundle
+
+            assemble_bundle(
+                args.out,
+                args.diffusion,
+                args.open_clip_config,
+                args.open_clip_weights,
+                args.dino,
+                args.vocab,
+                image_mean_from=args.image_mean_from,
+                name=args.name,
+                version=args.version,
+                precision=args.precision,
+                force=args.force,
+                link=not args.copy,
+                progress=_say,
+            )
+            _summary(args.out, t0)
+        else:
+            from services.common.bundle import Bundle
+
+            _say(f"verifying {args.dir}")
+            bundle = Bundle.open(args.dir)
+            for check in bundle.verify():
+                _say(f"  ok: {check}")
+            _summary(args.dir, t0)
+    except BundleError as e:
+        print(f"ice-bundle: bundle error: {e}", file=sys.stderr)
+        return 1
+    except (FileExistsError, ValueError) as e:
+        print(f"ice-bundle: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
