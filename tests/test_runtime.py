@@ -344,3 +344,12 @@ def test_settings_precedence_and_validation(tmp_path):
     (tmp_path / "tok").write_text("abc\n")
     assert from_sources(env={"ICE_AUTH_TOKEN_FILE": str(tmp_path / "tok")}).token() == "abc"
     assert from_sources(env={"ICE_AUTH_TOKEN": "zzz"}).redacted()["auth_token"] == "***"
+
+
+def test_settings_doc_is_current():
+    from pathlib import Path
+
+    from services.common.settings import settings_markdown
+
+    doc = Path(__file__).resolve().parents[1] / "docs" / "settings.md"
+    assert doc.read_text() == settings_markdown(), "regenerate: python -m services.common.settings > docs/settings.md"

@@ -195,3 +195,22 @@ class EvaluatorSettings(Settings):
     onnx_providers: str = _setting(
         "auto", "onnxruntime providers, comma-separated (auto = CUDAExecutionProvider when present, then CPU).",
         ("localizer", "evaluator"))
+
+
+def settings_markdown() -> str:
+    """docs/settings.md: every service's settings (tests/test_runtime.py keeps the file current)."""
+    parts = ["# Settings", "", "Generated from `services/common/settings.py` by `python -m services.common.settings`.",
+             "Flags win over environment variables, which win over defaults.", ""]
+    for title, cls in (("Every service", Settings), ("Localizer", LocalizerSettings), ("Learner", LearnerSettings),
+                       ("Evaluator", EvaluatorSettings)):
+        shared = {f.name for f in fields(Settings)}
+        rows = [f for f in fields(cls) if cls is Settings or f.name not in shared]
+        parts += [f"## {title}", "", "| flag | environment | default | meaning |", "|---|---|---|---|"]
+        parts += [f"| `--{f.name.replace('_', '-')}` | `{env_name(f.name)}` | `{f.default!r}` | {f.metadata.get('doc', '')} |"
+                  for f in rows]
+        parts.append("")
+    return "\n".join(parts)
+
+
+if __name__ == "__main__":
+    print(settings_markdown(), end="")
