@@ -191,7 +191,17 @@ class LearnerSettings(Settings):
 @dataclass(frozen=True)
 class EvaluatorSettings(Settings):
     batch_size: int = _setting(32, "Images embedded per encoder forward pass.", ("evaluator",))
-    max_images_per_request: int = _setting(1024, "Generated images one Evaluate request may carry.", ("evaluator",))
+    max_images_per_request: int = _setting(
+        1024, "Generated + composition images one Evaluate request (or one EvaluateSet item) may carry.",
+        ("evaluator",))
+    max_concepts_per_request: int = _setting(64, "Concepts one Evaluate request (or one EvaluateSet item) may carry.",
+                                             ("evaluator",))
+    max_images_per_concept: int = _setting(64, "Generated images one concept may carry.", ("evaluator",))
+    max_set_items: int = _setting(10_000, "Items one EvaluateSet stream may carry (only embeddings are kept per item).",
+                                  ("evaluator",))
+    clip_backend: str = _setting(
+        "auto", "CLIP image encoder: onnx (the bundle's export), torch (open_clip), or auto (onnx, except torch on a "
+        "CUDA device when onnxruntime has no CUDA provider).", ("evaluator",))
     onnx_providers: str = _setting(
         "auto", "onnxruntime providers, comma-separated (auto = CUDAExecutionProvider when present, then CPU).",
         ("localizer", "evaluator"))

@@ -1,0 +1,210 @@
+"""The evaluator's gRPC servicer: decode and validate requests, call `metrics` / `masks`, encode responses.
+
+Field paths in errors follow the request: `concepts[1].mask`, `concepts[0].images[3]`, `options.encoders`; in
+`EvaluateSet` an item's fields are prefixed with its 0-based position among the items, e.g.
+`items[4].concepts[0].images[2]`. Generated images are decoded lazily, one embedding batch at a time, so a
+corrupt one is reported when its batch is reached; everything else (counts, limits, ids, masks, options) is
+checked before any model runs.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from ice.common.v1 import common_pb2
+from ice.evaluator.v1 import evaluator_pb2, evaluator_pb2_grpc
+from services.common.bundle import Bundle
+from services.common.errors import InvalidArgument, ResourceExhausted
+from services.common.images import decode_image, decode_mask
+from services.common.server import ServiceSpec
+from services.common.service import resolve_device, server_info, server_version
+from services.common.settings import EvaluatorSettings
+from services.evaluator.encoders import CLIP, DINO, Embedder, load_encoders
+from services.evaluator.masks import score_masks
+from services.evaluator.metrics import ConceptInput, ItemInput, Protocol, Scores, SetEvaluation, evaluate
+
+log = logging.getLogger("ice.evaluator")
+
+SERVICE = evaluator_pb2.DESCRIPTOR.services_by_name["EvaluatorService"].full_name
+MAX_MASKS = 256  # per side of a ScoreMasks request (the proto's limit)
+
+pb = evaluator_pb2
+_FILLS = {
+    pb.BACKGROUND_FILL_UNSPECIFIED: "black",
+    pb.BACKGROUND_FILL_BLACK: "black",
+    pb.BACKGROUND_FILL_WHITE: "white",
+    pb.BACKGROUND_FILL_GRAY: "gray",
+    pb.BACKGROUND_FILL_MEAN: "mean",
+}
+_CROPS = {pb.CROP_UNSPECIFIED: "mask_box", pb.CROP_NONE: "none", pb.CROP_MASK_BOX: "mask_box"}
+_ENCODERS = {common_pb2.ENCODER_CLIP: CLIP, common_pb2.ENCODER_DINO: DINO}
+_ENCODER_ENUMS = {name: value for value, name in _ENCODERS.items()}
+
+
+class EvaluatorServicer(evaluator_pb2_grpc.EvaluatorServiceServicer):
+    def __init__(self, settings: EvaluatorSettings):
+        self.settings = settings
+        self.bundle: Bundle | None = None
+        self.embedder: Embedder | None = None
+        self.device = "cpu"
+
+    def load(self) -> None:
+        s = self.settings
+        self.device = resolve_device(s.device)
+        self.bundle = Bundle.open(s.bundle, verify_hashes=s.verify_bundle_hashes)
+        encoders = load_encoders(self.bundle, self.device, s.clip_backend, s.onnx_providers)
+        self.embedder = Embedder(encoders, s.batch_size)
+        log.info("evaluator: encoders %s on %s, batch %d", sorted(encoders), self.device, s.batch_size)
+
+    # -- requests ---------------------------------------------------------------------------------------------
+
+    def _options(self, options: pb.EvaluateOptions, field: str) -> tuple[Protocol, list[str]]:
+        names: list[str] = []
+        for value in options.encoders:
+            name = _ENCODERS.get(value)
+            if name is None:
+                raise InvalidArgument(f"unknown or unspecified encoder value {value}", field=f"{field}.encoders")
+            if name not in self.embedder.encoders:
+                raise InvalidArgument(f"the bundle has no {name} encoder", field=f"{field}.encoders")
+            if name in names:
+                raise InvalidArgument(f"encoder {name} is listed twice", field=f"{field}.encoders")
+            names.append(name)
+        if not names:
+            names = [n for n in (CLIP, DINO) if n in self.embedder.encoders]
+        if options.background_fill not in _FILLS:
+            raise InvalidArgument(f"unknown value {options.background_fill}", field=f"{field}.background_fill")
+        if options.crop not in _CROPS:
+            raise InvalidArgument(f"unknown value {options.crop}", field=f"{field}.crop")
+        return Protocol(_FILLS[options.background_fill], _CROPS[options.crop]), names
+
+    def _item(self, item_id: str, source_image: bytes, concepts, composition_images, prefix: str = "") -> ItemInput:
+        s = self.settings
+        if not concepts:
+            raise InvalidArgument("at least one concept is required", field=f"{prefix}concepts")
+        if len(concepts) > s.max_concepts_per_request:
+            raise ResourceExhausted(f"{len(concepts)} concepts exceed the limit of {s.max_concepts_per_request}",
+                                    field=f"{prefix}concepts")
+        total = sum(len(c.images) for c in concepts) + len(composition_images)
+        if total > s.max_images_per_request:
+            raise ResourceExhausted(f"{total} images exceed the limit of {s.max_images_per_request} per request",
+                                    field=f"{prefix}concepts")
+        source = decode_image(source_image, field=f"{prefix}source_image")
+        inputs, seen = [], set()
+        for i, c in enumerate(concepts):
+            field = f"{prefix}concepts[{i}]"
+            if not c.concept_id:
+                raise InvalidArgument("is required", field=f"{field}.concept_id")
+            if c.concept_id in seen:
+                raise InvalidArgument(f"{c.concept_id!r} is not unique", field=f"{field}.concept_id")
+            seen.add(c.concept_id)
+            if not c.images:
+                raise InvalidArgument("at least one generated image is required", field=f"{field}.images")
+            if len(c.images) > s.max_images_per_concept:
+                raise ResourceExhausted(f"{len(c.images)} images exceed the limit of {s.max_images_per_concept}",
+                                        field=f"{field}.images")
+            mask = decode_mask(c.mask, field=f"{field}.mask", expected_size=source.size)
+            if not mask.any():
+                raise InvalidArgument("has no pixel inside", field=f"{field}.mask")
+            images = [_lazy_image(data, f"{field}.images[{j}]") for j, data in enumerate(c.images)]
+            inputs.append(ConceptInput(c.concept_id, mask, images))
+        composition = [_lazy_image(data, f"{prefix}composition_images[{j}]") for j, data in enumerate(composition_images)]
+        return ItemInput(item_id, source, inputs, composition)
+
+    # -- RPCs -------------------------------------------------------------------------------------------------
+
+    def Evaluate(self, request: pb.EvaluateRequest, context) -> pb.EvaluateResponse:
+        protocol, names = self._options(request.options, "options")
+        item = self._item("", request.source_image, request.concepts, request.composition_images)
+        scores = evaluate(item, self.embedder, names, protocol)
+        return pb.EvaluateResponse(scores=[_encoder_scores(n, scores[n]) for n in names])
+
+    def EvaluateSet(self, request_iterator, context) -> pb.EvaluateSetResponse:
+        first = next(request_iterator, None)
+        if first is None or first.WhichOneof("payload") != "options":
+            raise InvalidArgument("the first message of the stream must carry the options", field="options")
+        protocol, names = self._options(first.options, "options")
+        evaluation = SetEvaluation(self.embedder, names, protocol)
+        item_ids: set[str] = set()
+        for index, message in enumerate(request_iterator):
+            prefix = f"items[{index}]."
+            if message.WhichOneof("payload") != "item":
+                raise InvalidArgument("only the first message may carry options; later ones carry items",
+                                      field=f"items[{index}]")
+            if index >= self.settings.max_set_items:
+                raise ResourceExhausted(f"more than {self.settings.max_set_items} items in one set", field="items")
+            item = message.item
+            item_id = item.item_id or str(index)
+            if item_id in item_ids:
+                raise InvalidArgument(f"{item_id!r} is not unique in the set", field=f"{prefix}item_id")
+            item_ids.add(item_id)
+            evaluation.add(self._item(item_id, item.source_image, item.concepts, item.composition_images, prefix))
+        if evaluation.item_count == 0:
+            raise InvalidArgument("the stream carried no item", field="items")
+        results = evaluation.result()
+        item_scores = [
+            pb.ItemScores(item_id=item_id, scores=[_encoder_scores(n, results[n].items[k][1]) for n in names])
+            for k, (item_id, _) in enumerate(results[names[0]].items)
+        ]
+        return pb.EvaluateSetResponse(
+            scores=[_encoder_scores(n, results[n].overall) for n in names],
+            item_count=evaluation.item_count,
+            concept_count=evaluation.concept_count,
+            item_scores=item_scores,
+        )
+
+    def ScoreMasks(self, request: pb.ScoreMasksRequest, context) -> pb.ScoreMasksResponse:
+        if not request.ground_truth:
+            raise InvalidArgument("at least one ground-truth mask is required", field="ground_truth")
+        for name in ("ground_truth", "predicted"):
+            if len(getattr(request, name)) > MAX_MASKS:
+                raise ResourceExhausted(f"{len(getattr(request, name))} masks exceed the limit of {MAX_MASKS}",
+                                        field=name)
+        first = decode_mask(request.ground_truth[0], field="ground_truth[0]")
+        size = (first.shape[1], first.shape[0])
+        truth = [first] + [decode_mask(m, field=f"ground_truth[{i}]", expected_size=size)
+                           for i, m in enumerate(request.ground_truth) if i > 0]
+        for i, m in enumerate(truth):
+            if not m.any():
+                raise InvalidArgument("has no pixel inside (its scores would be undefined)", field=f"ground_truth[{i}]")
+        predicted = [decode_mask(m, field=f"predicted[{i}]", expected_size=size) for i, m in enumerate(request.predicted)]
+        result = score_masks(predicted, truth, objective="iou")
+        return pb.ScoreMasksResponse(
+            miou=result.miou,
+            recall=result.mean_recall,
+            precision=result.mean_precision,
+            matches=[pb.MaskMatch(predicted_index=m.predicted_index, ground_truth_index=m.ground_truth_index,
+                                  iou=m.iou) for m in result.matches],
+        )
+
+    def GetServerInfo(self, request, context) -> pb.GetServerInfoResponse:
+        return pb.GetServerInfoResponse(info=server_info(SERVICE, self.bundle, self.settings, self.device, "fp32"))
+
+
+def _lazy_image(data: bytes, field: str):
+    return lambda: decode_image(data, field=field)
+
+
+def _encoder_scores(name: str, scores: Scores) -> pb.EncoderScores:
+    out = pb.EncoderScores(
+        encoder=_ENCODER_ENUMS[name],
+        sim_i=scores.sim_i,
+        acc1=scores.acc1,
+        acc3=scores.acc3,
+        concepts=[pb.ConceptScore(concept_id=c.concept_id, sim_i=c.sim_i, acc1=c.acc1, acc3=c.acc3, rank=c.rank)
+                  for c in scores.concepts],
+    )
+    if scores.sim_c is not None:
+        out.sim_c = scores.sim_c
+    return out
+
+
+def build_spec(settings: EvaluatorSettings) -> ServiceSpec:
+    servicer = EvaluatorServicer(settings)
+    return ServiceSpec(
+        name="evaluator",
+        service_names=[SERVICE],
+        register=lambda server: evaluator_pb2_grpc.add_EvaluatorServiceServicer_to_server(servicer, server),
+        load=servicer.load,
+        version=server_version(),
+        bundle_digest=lambda: servicer.bundle.digest if servicer.bundle else "",
+    )
