@@ -1,0 +1,142 @@
+"""The stage-2 losses against independent computations: POT for Sinkhorn, numpy for the triplets, a
+hand-made case for the masked loss."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import ot
+import pytest
+import torch
+
+from services.learner import losses as L
+
+
+def test_masked_reconstruction_hand_made_case():
+    pred = torch.tensor([[[[1.0, 2.0], [3.0, 4.0]]]])
+    target = torch.zeros_like(pred)
+    # 4x4 mask whose nearest 2x2 downsampling keeps only the top-left and bottom-right cells
+    mask = torch.zeros(1, 1, 4, 4)
+    mask[0, 0, 0, 0] = 1
+    mask[0, 0, 2, 2] = 1
+    # (1² + 4²) / 4 elements: the mean includes the zeroed background
+    assert L.masked_reconstruction(pred, target, mask).item() == pytest.approx(17 / 4)
+    assert L.masked_reconstruction(pred, target, torch.ones(1, 1, 4, 4)).item() == pytest.approx(30 / 4)
+
+
+def _histograms(seed: int, side: int, batch: int):
+    rng = np.random.default_rng(seed)
+    masks = (rng.random((batch, side * side)) > 0.6).astype(np.float64)
+    mu = masks / masks.sum(1, keepdims=True)
+    nu = rng.random((batch, side * side)) + 1e-3
+    nu /= nu.sum(1, keepdims=True)
+    return mu, nu
+
+
+def test_sinkhorn_cost_matches_pot_sinkhorn2_and_its_potentials():
+    side, batch = 16, 3
+    mu, nu = _histograms(0, side, batch)
+    cost = L.grid_cost(side, dtype=torch.float64)
+    # the cost matrix is POT's euclidean ot.dist on the grid coordinates
+    grid = np.stack(np.meshgrid(np.arange(side), np.arange(side), indexing="ij"), -1).reshape(-1, 2).astype(float)
+    np.testing.assert_allclose(cost.numpy(), ot.dist(grid, grid, metric="euclidean"), atol=1e-12)
+
+    nu_t = torch.tensor(nu, requires_grad=True)
+    ours = L.sinkhorn_cost(torch.tensor(mu), nu_t, cost)
+    ours.sum().backward()
+    for b in range(batch):
+        ref = ot.sinkhorn2(mu[b], nu[b], cost.numpy(), reg=L.SINKHORN_EPSILON, method="sinkhorn_log",
+                           numItermax=L.SINKHORN_ITERATIONS, stopThr=0.0, warn=False)
+        assert ours[b].item() == pytest.approx(float(ref), rel=1e-9)
+        _, log = ot.sinkhorn(mu[b], nu[b], cost.numpy(), reg=L.SINKHORN_EPSILON, method="sinkhorn_log",
+                             numItermax=L.SINKHORN_ITERATIONS, stopThr=0.0, warn=False, log=True)
+        # the published gradient: ε · log v, the scaled dual potential of ν
+        np.testing.assert_allclose(nu_t.grad[b].numpy(), L.SINKHORN_EPSILON * log["log_v"], rtol=1e-9, atol=1e-12)
+
+
+def test_attention_loss_is_small_when_attention_sits_on_the_mask():
+    side = 16
+    mask = torch.zeros(1, 1, 64, 64)
+    mask[..., 8:24, 8:24] = 1
+    on = torch.full((1, side, side), 1e-4)
+    on[:, 2:6, 2:6] = 1.0
+    off = torch.full((1, side, side), 1e-4)
+    off[:, 10:14, 10:14] = 1.0
+    near, far = L.attention_loss(on, mask).item(), L.attention_loss(off, mask).item()
+    assert near < 0.5 and far > 4 and far < 8 * math.sqrt(2)  # the blocks are 8·√2 cells apart
+    # gradient flows into the attention map and lowers the loss when followed
+    att = off.clone().requires_grad_(True)
+    L.attention_loss(att, mask).backward()
+    stepped = (off - 1e3 * att.grad).clamp(min=1e-6)
+    assert L.attention_loss(stepped, mask).item() < far
+
+
+def test_mask_too_thin_for_nearest_downsampling_still_has_mass():
+    mask = torch.zeros(1, 1, 64, 64)
+    mask[..., 1, :] = 1  # a one-pixel line that nearest sampling at stride 4 misses
+    grid = L.mask_to_grid(mask, 16)
+    assert grid.sum() > 0
+
+
+def _np_msd(x, y):
+    return np.mean((x - y) ** 2, axis=-1)
+
+
+def _unit(rng, n, d):
+    v = rng.normal(size=(n, d))
+    return v / np.linalg.norm(v, axis=-1, keepdims=True)
+
+
+@pytest.mark.parametrize("margin", [0.05, 1e-4])
+def test_phase1_triplet_matches_numpy(margin):
+    rng = np.random.default_rng(1)
+    a, p, n = _unit(rng, 3, 32)
+    ours = L.phase1_triplet(torch.tensor(a), torch.tensor(p), torch.tensor(n), margin).item()
+    hinge = max(_np_msd(a, p) - _np_msd(a, n) + margin, 0.0)
+    assert ours == pytest.approx(hinge, rel=1e-12, abs=1e-15)
+    if margin == 0.05:
+        # the documented quirk: always active, a linear function of the cosines
+        expected = (2 / 32) * (a @ n - a @ p) + 0.05
+        assert ours == pytest.approx(expected, rel=1e-9)
+
+
+def test_phase2_triplets_match_numpy():
+    rng = np.random.default_rng(2)
+    d = 16
+    anchors = ["texture", "material", "color"]
+    words = dict(zip([*anchors, "bowl"], _unit(rng, 4, d), strict=True))
+    concept = _unit(rng, 1, d)[0]
+    intrinsic = dict(zip(anchors, _unit(rng, 3, d), strict=True))
+
+    # perturb the words so the margins (0.7·(E(x)-E(c))²) differ from the ones at the current vectors
+    margins = L.intrinsic_margins({w: torch.tensor(v) for w, v in words.items()}, anchors)
+    ours = L.phase2_triplets(
+        {k: torch.tensor(words[k]) for k in anchors}, torch.tensor(words["bowl"]), "bowl",
+        torch.tensor(concept), {k: torch.tensor(v) for k, v in intrinsic.items()}, margins,
+    ).item()
+
+    def hinge(x, close, far, m):
+        return np.mean(np.maximum((x - close) ** 2 - (x - far) ** 2 + m, 0.0))
+
+    def mean_positive(values):
+        values = [v for v in values if v > 1e-10]
+        return sum(values) / len(values) if values else 0.0
+
+    total = 0.0
+    for k in anchors:
+        total += mean_positive(
+            [hinge(words[k], intrinsic[k], intrinsic[j], 0.7 * (words[k] - words[j]) ** 2) for j in anchors if j != k]
+        )
+    total += mean_positive(
+        [hinge(words["bowl"], concept, intrinsic[c], 0.7 * (words["bowl"] - words[c]) ** 2) for c in anchors]
+    )
+    assert total > 0
+    assert ours == pytest.approx(total, rel=1e-12)
+
+
+def test_timestep_weights_favour_large_t():
+    w = L.timestep_weights(1000, 0.5)
+    assert w.sum().item() == pytest.approx(1.0)
+    assert w[-1] / w[0] == pytest.approx(1.5 / 0.5, rel=1e-3)
+    assert torch.allclose(L.timestep_weights(1000, 0.0), torch.full((1000,), 1e-3, dtype=torch.float64))
