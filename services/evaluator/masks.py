@@ -69,8 +69,9 @@ def _stack(masks: Sequence[np.ndarray] | np.ndarray, shape: tuple[int, int] | No
 
 def intersections(predicted: np.ndarray, ground_truth: np.ndarray) -> np.ndarray:
     """|p ∩ g| for every pair: [P, G] int64, by one matrix product over flattened masks."""
-    p = predicted.reshape(len(predicted), -1)
-    g = ground_truth.reshape(len(ground_truth), -1)
+    pixels = int(np.prod(ground_truth.shape[1:]))
+    p = predicted.reshape(len(predicted), pixels)
+    g = ground_truth.reshape(len(ground_truth), pixels)
     # float32 sums of 0/1 products are exact integers below 2**24 pixels; beyond, use float64
     dtype = np.float32 if p.shape[1] < 2**24 else np.float64
     return np.rint(p.astype(dtype) @ g.astype(dtype).T).astype(np.int64)
@@ -89,8 +90,8 @@ def score_masks(
     if pred.shape[1:] != gt.shape[1:]:
         raise ValueError(f"predicted masks {pred.shape[1:]} and ground truth {gt.shape[1:]} differ in size")
     n_gt = len(gt)
-    gt_area = gt.reshape(n_gt, -1).sum(axis=1)
-    pred_area = pred.reshape(len(pred), -1).sum(axis=1)
+    gt_area = gt.sum(axis=(1, 2))
+    pred_area = pred.sum(axis=(1, 2))
     inter = intersections(pred, gt).T  # [G, P]
     union = gt_area[:, None] + pred_area[None, :] - inter
     iou_matrix = np.divide(inter, union, out=np.zeros(inter.shape), where=union > 0)
