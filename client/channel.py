@@ -1,0 +1,165 @@
+"""The one place where the SDK's gRPC channels are configured.
+
+- Targets: `host:port`, or `dns:///host:port` to resolve every address of a (headless) Kubernetes Service;
+  the `round_robin` policy then spreads calls over all of them (one HTTP/2 connection would otherwise pin
+  one pod).
+- Retries: only UNAVAILABLE is retried, by gRPC itself through the service config's `retryPolicy` (AIP-194).
+  A learning job is created with a `request_id`, so a retried creation never queues a second job.
+- TLS with the system roots or a given CA bundle, client certificate and key for mutual TLS, and a bearer
+  token: sent as call credentials over TLS, and as `authorization` metadata on a plaintext channel (for
+  loopback development only).
+- Deadlines: `timeout` seconds per unary call; streams that follow a job have none unless asked for.
+- Message sizes set explicitly on both directions (gRPC's default receive limit is 4 MiB).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import grpc
+
+DEFAULT_TARGETS = {"localizer": "localhost:50051", "learner": "localhost:50052", "evaluator": "localhost:50053"}
+
+# Every service a channel may carry calls of; the retry policy applies to each of them.
+_SERVICES = (
+    "ice.localizer.v1.LocalizerService",
+    "ice.learner.v1.LearnerService",
+    "ice.evaluator.v1.EvaluatorService",
+    "google.longrunning.Operations",
+    "grpc.health.v1.Health",
+)
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    """gRPC's transparent retry of UNAVAILABLE (connection refused, server loading or draining)."""
+
+    max_attempts: int = 5
+    initial_backoff_s: float = 0.2
+    max_backoff_s: float = 5.0
+    backoff_multiplier: float = 2.0
+
+
+@dataclass(frozen=True)
+class ChannelConfig:
+    """How to reach the services. One config is shared by the three channels of an `IceClient`."""
+
+    tls: bool = False
+    root_certificates: Path | None = None  # PEM CA bundle; None = the system roots (when tls)
+    client_certificate: Path | None = None  # PEM certificate chain for mutual TLS
+    client_key: Path | None = None  # PEM private key for mutual TLS
+    server_name_override: str | None = None  # TLS name to verify instead of the target host (tests, IPs)
+    token: str | None = None  # bearer token
+    timeout: float = 600.0  # seconds per unary call
+    max_message_bytes: int = 64 * 1024 * 1024
+    retry: RetryPolicy | None = field(default_factory=RetryPolicy)
+    load_balancing: str = "round_robin"
+    keepalive_time_ms: int = 60_000
+
+    def __post_init__(self):
+        if bool(self.client_certificate) != bool(self.client_key):
+            raise ValueError("a client certificate and its key must be given together (mutual TLS)")
+        if (self.client_certificate or self.root_certificates) and not self.tls:
+            object.__setattr__(self, "tls", True)
+
+
+def service_config(config: ChannelConfig, services: Iterable[str] = _SERVICES) -> str:
+    """The JSON service config: load balancing and the UNAVAILABLE-only retry policy."""
+    method: dict = {"name": [{"service": name} for name in services]}
+    if config.retry is not None and config.retry.max_attempts > 1:
+        method["retryPolicy"] = {
+            "maxAttempts": config.retry.max_attempts,
+            "initialBackoff": f"{config.retry.initial_backoff_s}s",
+            "maxBackoff": f"{config.retry.max_backoff_s}s",
+            "backoffMultiplier": config.retry.backoff_multiplier,
+            "retryableStatusCodes": ["UNAVAILABLE"],
+        }
+    return json.dumps({"loadBalancingConfig": [{config.load_balancing: {}}], "methodConfig": [method]})
+
+
+def channel_options(config: ChannelConfig) -> list[tuple[str, object]]:
+    options: list[tuple[str, object]] = [
+        ("grpc.max_send_message_length", config.max_message_bytes),
+        ("grpc.max_receive_message_length", config.max_message_bytes),
+        ("grpc.keepalive_time_ms", config.keepalive_time_ms),
+        ("grpc.enable_retries", 1 if config.retry is not None else 0),
+        ("grpc.service_config", service_config(config)),
+    ]
+    if config.server_name_override:
+        options.append(("grpc.ssl_target_name_override", config.server_name_override))
+    return options
+
+
+def _read(path: Path | None, what: str) -> bytes | None:
+    if path is None:
+        return None
+    try:
+        return Path(path).read_bytes()
+    except OSError as exc:
+        raise ValueError(f"cannot read the {what} {path}: {exc.strerror or exc}") from exc
+
+
+def _channel_credentials(config: ChannelConfig) -> grpc.ChannelCredentials:
+    creds = grpc.ssl_channel_credentials(
+        root_certificates=_read(config.root_certificates, "CA bundle"),
+        private_key=_read(config.client_key, "client key"),
+        certificate_chain=_read(config.client_certificate, "client certificate"),
+    )
+    if config.token:
+        creds = grpc.composite_channel_credentials(creds, grpc.access_token_call_credentials(config.token))
+    return creds
+
+
+class _BearerToken(grpc.UnaryUnaryClientInterceptor, grpc.UnaryStreamClientInterceptor,
+                   grpc.StreamUnaryClientInterceptor, grpc.StreamStreamClientInterceptor):
+    """Adds `authorization: Bearer …` to every call of a plaintext channel."""
+
+    def __init__(self, token: str):
+        self._header = ("authorization", f"Bearer {token}")
+
+    def _details(self, details):
+        metadata = [*(details.metadata or ()), self._header]
+        return details._replace(metadata=metadata) if hasattr(details, "_replace") else _Details(details, metadata)
+
+    def intercept_unary_unary(self, continuation, details, request):
+        return continuation(self._details(details), request)
+
+    def intercept_unary_stream(self, continuation, details, request):
+        return continuation(self._details(details), request)
+
+    def intercept_stream_unary(self, continuation, details, request_iterator):
+        return continuation(self._details(details), request_iterator)
+
+    def intercept_stream_stream(self, continuation, details, request_iterator):
+        return continuation(self._details(details), request_iterator)
+
+
+class _Details(grpc.ClientCallDetails):
+    def __init__(self, base, metadata):
+        self.method = base.method
+        self.timeout = base.timeout
+        self.metadata = metadata
+        self.credentials = base.credentials
+        self.wait_for_ready = getattr(base, "wait_for_ready", None)
+        self.compression = getattr(base, "compression", None)
+
+
+def display_target(target: str) -> str:
+    """`dns:///svc.ns:50051` -> `svc.ns:50051`, for messages."""
+    for prefix in ("dns:///", "ipv4:", "ipv6:", "dns:"):
+        if target.startswith(prefix):
+            return target[len(prefix):]
+    return target
+
+
+def open_channel(target: str, config: ChannelConfig) -> grpc.Channel:
+    options = channel_options(config)
+    if config.tls:
+        return grpc.secure_channel(target, _channel_credentials(config), options=options)
+    channel = grpc.insecure_channel(target, options=options)
+    if config.token:
+        channel = grpc.intercept_channel(channel, _BearerToken(config.token))
+    return channel

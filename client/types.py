@@ -1,0 +1,232 @@
+"""Typed results of the SDK: plain dataclasses, independent of the protobuf messages.
+
+Images and masks stay as encoded PNG bytes (as they travel); `.pil()` / `.array()` decode them when needed.
+Everything here converts to JSON with `to_dict()` (bytes left out), which is what `ice --json` prints.
+"""
+
+from __future__ import annotations
+
+import io
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any
+
+import numpy as np
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, bytes):
+        return None
+    if isinstance(value, list | tuple):
+        return [_plain(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    return value
+
+
+class _Jsonable:
+    def to_dict(self) -> dict[str, Any]:
+        out = {}
+        for f in fields(self):
+            if f.metadata.get("json") is False:
+                continue
+            value = getattr(self, f.name)
+            if isinstance(value, bytes):
+                continue
+            if hasattr(value, "to_dict"):
+                value = value.to_dict()
+            elif isinstance(value, list | tuple):
+                value = [v.to_dict() if hasattr(v, "to_dict") else _plain(v) for v in value]
+            else:
+                value = _plain(asdict(value) if hasattr(value, "__dataclass_fields__") else value)
+            out[f.name] = value
+        return out
+
+
+def _no_json():
+    return field(default=b"", repr=False, metadata={"json": False})
+
+
+def decode_png(data: bytes):
+    from PIL import Image
+
+    img = Image.open(io.BytesIO(data))
+    img.load()
+    return img
+
+
+# --- localizer ---------------------------------------------------------------------------------------------
+@dataclass
+class Concept(_Jsonable):
+    concept_id: str
+    noun: str
+    area_fraction: float
+    round: int
+    retrieval: list[tuple[str, float]]
+    mask_png: bytes = _no_json()
+
+    def mask(self) -> np.ndarray:
+        """The mask as a bool array [height, width]."""
+        return np.asarray(decode_png(self.mask_png).convert("L")) > 0
+
+
+@dataclass
+class LocalizeResult(_Jsonable):
+    concepts: list[Concept]
+    width: int
+    height: int
+    rounds: int
+    remaining_fraction: float
+    stop_reason: str  # e.g. "REMAINING_FRACTION"
+    timings: list[tuple[str, float]] = field(default_factory=list)
+
+
+# --- learner -----------------------------------------------------------------------------------------------
+@dataclass
+class Job(_Jsonable):
+    """A learning job: `name` is its operation name, "operations/{job_id}"."""
+
+    name: str
+
+    @property
+    def job_id(self) -> str:
+        return self.name.split("/", 1)[1] if self.name.startswith("operations/") else self.name
+
+    @staticmethod
+    def of(job: Job | str) -> Job:
+        if isinstance(job, Job):
+            return job
+        return Job(job if job.startswith("operations/") else f"operations/{job}")
+
+
+@dataclass
+class LearnedToken(_Jsonable):
+    token: str
+    role: str  # INSTANCE | CONCEPT | INTRINSIC
+    concept_id: str
+    noun: str
+    attribute: str
+
+
+@dataclass
+class ArtifactFile(_Jsonable):
+    name: str
+    size_bytes: int
+    sha256: str
+
+
+@dataclass
+class LearningResult(_Jsonable):
+    job_id: str
+    tokens: list[LearnedToken]
+    artifacts: list[ArtifactFile]
+    bundle: dict[str, Any]
+
+    def attributes(self, concept_id: str) -> list[str]:
+        return [t.attribute for t in self.tokens if t.concept_id == concept_id and t.role == "INTRINSIC"]
+
+
+@dataclass
+class JobProgress(_Jsonable):
+    job_id: str
+    state: str  # QUEUED | RUNNING | SUCCEEDED | FAILED | CANCELLED
+    phase: str  # PREPARING | OBJECT_LEVEL | INTRINSIC | REFINEMENT | FINISHING | UNSPECIFIED
+    step: int
+    total_steps: int
+    percent: float
+    losses: dict[str, float]
+    eta_seconds: float | None
+    queue_position: int
+    cancel_requested: bool
+    done: bool
+    error_code: str | None = None  # set when done and not succeeded
+    error_message: str | None = None
+    result: LearningResult | None = None
+
+    def line(self) -> str:
+        """One human line, e.g. "RUNNING OBJECT_LEVEL 12/30 (40%) loss 0.123 eta 14s"."""
+        if self.state == "QUEUED":
+            return f"QUEUED (position {self.queue_position})"
+        text = f"{self.state} {self.phase} {self.step}/{self.total_steps} ({self.percent:.0f}%)"
+        if "total" in self.losses:
+            text += f" loss {self.losses['total']:.4g}"
+        if self.eta_seconds is not None:
+            text += f" eta {self.eta_seconds:.0f}s"
+        if self.error_code:
+            text += f" {self.error_code}: {self.error_message}"
+        return text
+
+
+# --- generation --------------------------------------------------------------------------------------------
+@dataclass
+class GeneratedImage(_Jsonable):
+    prompt: str
+    index: int
+    concept_id: str
+    attribute: str  # the intrinsic anchor ("texture", ...); "" for object-level and free prompts
+    seed: int
+    kind: str  # OBJECT_LEVEL | INTRINSIC | FREE (what the image was asked as)
+    image_png: bytes = _no_json()
+
+    def pil(self):
+        return decode_png(self.image_png).convert("RGB")
+
+
+# --- evaluator ---------------------------------------------------------------------------------------------
+@dataclass
+class ConceptScore(_Jsonable):
+    concept_id: str
+    sim_i: float
+    acc1: float
+    acc3: float
+    rank: int
+
+
+@dataclass
+class EncoderScores(_Jsonable):
+    encoder: str  # CLIP | DINO
+    sim_i: float
+    sim_c: float | None
+    acc1: float
+    acc3: float
+    concepts: list[ConceptScore]
+
+
+@dataclass
+class EvaluationResult(_Jsonable):
+    scores: list[EncoderScores]
+
+    def by_encoder(self) -> dict[str, EncoderScores]:
+        return {s.encoder: s for s in self.scores}
+
+
+@dataclass
+class MaskMatch(_Jsonable):
+    predicted_index: int
+    ground_truth_index: int
+    iou: float
+
+
+@dataclass
+class MaskScores(_Jsonable):
+    miou: float
+    recall: float
+    precision: float
+    matches: list[MaskMatch]
+
+
+# --- the whole extraction ----------------------------------------------------------------------------------
+@dataclass
+class Extraction(_Jsonable):
+    """What `extract` returns: every stage's result, and where it was written (when an `out_dir` was given)."""
+
+    localization: LocalizeResult
+    job_id: str | None
+    learning: LearningResult | None
+    generated: list[GeneratedImage]
+    evaluation: EvaluationResult | None
+    seconds: dict[str, float]
+    out_dir: str | None = None
+    image_png: bytes = _no_json()
+
+    def images_for(self, concept_id: str, kind: str, attribute: str = "") -> list[GeneratedImage]:
+        return [g for g in self.generated if g.concept_id == concept_id and g.kind == kind and g.attribute == attribute]
