@@ -88,6 +88,13 @@ def _font(size: int):
         return ImageFont.load_default()
 
 
+def cutout(image: Image.Image, mask: np.ndarray) -> Image.Image:
+    """The concept's pixels as they are, everything else dimmed to a fifth."""
+    pixels = np.asarray(image.convert("RGB"), dtype=np.float32)
+    pixels[~mask] *= 0.2
+    return Image.fromarray(pixels.round().astype(np.uint8))
+
+
 def grid(images: Sequence[Image.Image], columns: int = 4, pad: int = 2) -> Image.Image:
     """Images side by side in rows of `columns`, on white, each at the size of the first."""
     w, h = images[0].size
@@ -133,6 +140,7 @@ def write_extraction(extraction: Extraction, out_dir: Path) -> Path:
         mask = c.mask()
         masks.append(mask)
         atomic_write(out_dir / "masks" / f"{c.concept_id}.png", c.mask_png)
+        _save_png(cutout(source, mask), out_dir / "masks" / f"{c.concept_id}_cutout.png")
     _save_png(overlay(source, masks, [c.noun for c in concepts]), out_dir / "overlay.png")
 
     files: dict[int, str] = {}
@@ -151,7 +159,9 @@ def write_extraction(extraction: Extraction, out_dir: Path) -> Path:
     for entry, g in zip(record["generated"], extraction.generated, strict=True):
         entry["file"] = files[id(g)]
     record["files"] = {"image": "image.png", "overlay": "overlay.png", "metrics": "metrics.json",
-                       "masks": {c.concept_id: f"masks/{c.concept_id}.png" for c in concepts}, "grids": grids}
+                       "masks": {c.concept_id: f"masks/{c.concept_id}.png" for c in concepts},
+                       "cutouts": {c.concept_id: f"masks/{c.concept_id}_cutout.png" for c in concepts},
+                       "grids": grids}
     atomic_write(out_dir / "extraction.json", json.dumps(record, indent=2))
     extraction.out_dir = str(out_dir)
     atomic_write(out_dir / "report.html", render_report(record, metrics))
@@ -260,7 +270,8 @@ def render_report(record: dict[str, Any], metrics: dict[str, Any]) -> str:
         block = [f'<div class="concept"><h3>{_e(cid)}: {_e(c["noun"])} '
                  f'<small>({100 * c["area_fraction"]:.1f}% of the image, round {c["round"]})</small></h3>',
                  '<div class="row">'
-                 f'<figure>{_img(files["masks"][cid], "mask of " + cid, 120)}<figcaption>mask</figcaption></figure>']
+                 f'<figure>{_img(files["cutouts"][cid], "region of " + cid, 160)}<figcaption>region '
+                 f'(<a href="{_e(files["masks"][cid])}">mask</a>)</figcaption></figure>']
         for key, label in _concept_grid_keys(cid, grids, generated):
             prompt = next((g["prompt"] for g in generated if _record_key(g) == key), "")
             block.append(f'<figure>{_img(grids[key], label, 320, pixelated=True)}<figcaption><b>{_e(label)}</b>'

@@ -1,0 +1,575 @@
+"""The Kubernetes manifests under k8s/, as rendered by `kubectl kustomize`: what every cluster gets.
+
+Every entry point is rendered (the per-cloud overlays, the laptop overlay, the batch Jobs, the ServiceMonitor
+example) and checked for what the deployment relies on: resources, probes and a hardened securityContext on
+every container, GPU tolerations, headless Services, one set of port numbers shared by Services, probes,
+NetworkPolicies and the containers' flags, and batch sharding that covers every image exactly once.
+`k8s/validate.sh` (run here too) checks every object against the Kubernetes schemas with --strict.
+"""
+
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+from collections import Counter
+from pathlib import Path
+
+import pytest
+import yaml
+
+from client.sharding import shard, shard_indices, shard_size
+
+ROOT = Path(__file__).resolve().parents[1]
+K8S = ROOT / "k8s"
+KUBECTL = shutil.which("kubectl")
+
+GPU_OVERLAYS = ["overlays/gke", "overlays/eks", "overlays/aks"]
+OVERLAYS = [*GPU_OVERLAYS, "overlays/dev-cpu"]
+BATCH = ["batch/extract", "batch/assemble-bundle"]
+ALL_TARGETS = [*OVERLAYS, *BATCH, "examples/gke-with-servicemonitor"]
+SERVICES = {"localizer", "learner", "evaluator"}
+WORKLOAD_KINDS = ("Deployment", "StatefulSet", "Job")
+SERVER_KINDS = ("Deployment", "StatefulSet")
+# Volume types the `restricted` Pod Security Standard allows (the overlays' namespaces enforce it).
+RESTRICTED_VOLUMES = {"configMap", "csi", "downwardAPI", "emptyDir", "ephemeral", "persistentVolumeClaim",
+                      "projected", "secret"}
+
+needs_kubectl = pytest.mark.skipif(KUBECTL is None, reason="kubectl (with Kustomize) is not installed")
+
+
+# ------------------------------------------------------------------------------------------------------------
+# sharding: pure arithmetic, no kubectl needed
+# ------------------------------------------------------------------------------------------------------------
+def test_shards_cover_every_item_exactly_once():
+    for n in range(0, 41):
+        items = [f"img{i}.jpg" for i in range(n)]
+        for count in range(1, 46):  # includes count > n: some shards are empty
+            shards = [shard(items, i, count) for i in range(count)]
+            seen = Counter(item for s in shards for item in s)
+            assert set(seen) == set(items) and all(c == 1 for c in seen.values()), (n, count)
+            sizes = [len(s) for s in shards]
+            assert max(sizes) - min(sizes) <= 1, (n, count, sizes)
+            assert sizes == [shard_size(n, i, count) for i in range(count)]
+            for i, s in enumerate(shards):
+                assert s == [items[j] for j in shard_indices(n, i, count)]
+                assert s == sorted(s, key=items.index)  # manifest order kept within a shard
+
+
+def test_shard_is_stable_and_accepts_any_sequence():
+    assert shard(range(10), 1, 3) == [1, 4, 7]
+    assert shard(("a", "b"), 3, 4) == []
+    assert shard([], 0, 1) == []
+    assert shard("abcdef", 0, 2) == ["a", "c", "e"]
+
+
+@pytest.mark.parametrize(
+    ("index", "count", "message"),
+    [(0, 0, "at least 1"), (-1, 3, "in \\[0, 3\\)"), (3, 3, "in \\[0, 3\\)"), (5, 2, "got 5"), (0, -2, "at least 1")],
+)
+def test_shard_rejects_bad_index_or_count(index, count, message):
+    with pytest.raises(ValueError, match=message):
+        shard([1, 2, 3], index, count)
+
+
+def test_shard_rejects_non_integers():
+    with pytest.raises(TypeError):
+        shard([1], "0", 1)  # type: ignore[arg-type]
+    with pytest.raises(TypeError):
+        shard([1], 0, 1.0)  # type: ignore[arg-type]
+    with pytest.raises(ValueError):
+        shard_indices(-1, 0, 1)
+
+
+# ------------------------------------------------------------------------------------------------------------
+# rendering helpers
+# ------------------------------------------------------------------------------------------------------------
+def render_dir(path: Path) -> list[dict]:
+    out = subprocess.run([KUBECTL, "kustomize", str(path)], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, f"kubectl kustomize {path} failed:\n{out.stderr}"
+    return [doc for doc in yaml.safe_load_all(out.stdout) if doc]
+
+
+@pytest.fixture(scope="module")
+def rendered() -> dict[str, list[dict]]:
+    if KUBECTL is None:
+        pytest.skip("kubectl (with Kustomize) is not installed")
+    return {target: render_dir(K8S / target) for target in ALL_TARGETS}
+
+
+def of_kind(objs, *kinds):
+    return [o for o in objs if o["kind"] in kinds]
+
+
+def pod_spec(obj: dict) -> dict:
+    return obj["spec"]["template"]["spec"]
+
+
+def containers(obj: dict, init: bool = True) -> list[dict]:
+    spec = pod_spec(obj)
+    return (spec.get("initContainers", []) if init else []) + spec["containers"]
+
+
+def server_workloads(objs) -> list[dict]:
+    return of_kind(objs, *SERVER_KINDS)
+
+
+def component(obj: dict) -> str:
+    return obj["metadata"]["labels"]["app.kubernetes.io/component"]
+
+
+def main_container(obj: dict) -> dict:
+    (c,) = [c for c in obj["spec"]["template"]["spec"]["containers"] if c["name"] == component(obj)]
+    return c
+
+
+def flags(container: dict) -> dict[str, str]:
+    """`--name=value` args as a dict (every flag in our manifests uses the `=` form)."""
+    out = {}
+    for arg in container.get("args", []):
+        m = re.fullmatch(r"--([a-z0-9-]+)(?:=(.*))?", arg)
+        if m:
+            out[m.group(1)] = m.group(2) if m.group(2) is not None else ""
+    return out
+
+
+def env_value(container: dict, name: str) -> str | None:
+    for e in container.get("env", []):
+        if e["name"] == name:
+            return e.get("value")
+    return None
+
+
+def expand(text: str, container: dict) -> str:
+    """Kubernetes' `$(VAR)` expansion of args from the container's literal env values."""
+    return re.sub(r"\$\(([A-Z_][A-Z0-9_]*)\)", lambda m: env_value(container, m.group(1)) or m.group(0), text)
+
+
+def selects(selector: dict, labels: dict) -> bool:
+    assert set(selector) <= {"matchLabels"}, f"only matchLabels selectors are used here: {selector}"
+    return all(labels.get(k) == v for k, v in selector.get("matchLabels", {}).items())
+
+
+def port_number(container: dict, port) -> int:
+    if isinstance(port, int):
+        return port
+    (p,) = [p["containerPort"] for p in container.get("ports", []) if p.get("name") == port]
+    return p
+
+
+# ------------------------------------------------------------------------------------------------------------
+# the whole set validates against the Kubernetes schemas
+# ------------------------------------------------------------------------------------------------------------
+@needs_kubectl
+def test_validate_script_passes():
+    out = subprocess.run([str(K8S / "validate.sh")], capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert out.returncode == 0, f"k8s/validate.sh failed:\n{out.stdout}\n{out.stderr}"
+    assert "ok:" in out.stdout
+    # The CRD (no bundled schema) is reported as skipped, never silently passed.
+    assert "skip" in out.stdout and "ServiceMonitor" in out.stdout
+
+
+@needs_kubectl
+def test_validate_script_fails_on_a_misspelt_apiversion(tmp_path):
+    bad = tmp_path / "k8s"
+    shutil.copytree(K8S, bad)
+    pdb = bad / "base" / "pdb.yaml"
+    pdb.write_text(pdb.read_text().replace("apiVersion: policy/v1", "apiVersion: policy/v2", 1))
+    out = subprocess.run([str(bad / "validate.sh")], capture_output=True, text=True, timeout=120,
+                         env={"PATH": str(Path(KUBECTL).parent) + ":/usr/bin:/bin",
+                              "KUBERNETES_VALIDATE": str(ROOT / ".venv/bin/kubernetes-validate")
+                              if (ROOT / ".venv/bin/kubernetes-validate").exists()
+                              else shutil.which("kubernetes-validate") or "kubernetes-validate"})
+    assert out.returncode != 0
+    assert "policy/v2" in out.stderr
+
+
+# ------------------------------------------------------------------------------------------------------------
+# every container: resources, probes, hardened securityContext
+# ------------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("target", ALL_TARGETS)
+def test_every_container_has_requests_and_limits(rendered, target):
+    workloads = of_kind(rendered[target], *WORKLOAD_KINDS)
+    assert workloads
+    for w in workloads:
+        for c in containers(w):
+            res = c.get("resources", {})
+            for kind in ("requests", "limits"):
+                for r in ("cpu", "memory"):
+                    assert r in res.get(kind, {}), f"{target} {w['metadata']['name']}/{c['name']}: no {kind}.{r}"
+
+
+@pytest.mark.parametrize("target", OVERLAYS)
+def test_every_server_has_grpc_probes_on_the_health_port(rendered, target):
+    servers = server_workloads(rendered[target])
+    assert {component(w) for w in servers} == SERVICES
+    for w in servers:
+        for c in containers(w, init=False):
+            health = int(flags(c)["health-port"])
+            for probe, service in (("livenessProbe", "liveness"), ("readinessProbe", "readiness"),
+                                   ("startupProbe", "readiness")):
+                p = c.get(probe)
+                assert p and "grpc" in p, f"{target} {c['name']}: no gRPC {probe}"
+                assert p["grpc"] == {"port": health, "service": service}, (target, c["name"], probe)
+            startup = c["startupProbe"]
+            budget = startup.get("failureThreshold", 3) * startup.get("periodSeconds", 10)
+            assert budget >= 15 * 60, f"{target} {c['name']}: startup probe allows only {budget}s for model loading"
+
+
+def effective_security(pod: dict, container: dict) -> dict:
+    sc = dict(pod.get("securityContext", {}))
+    sc.update(container.get("securityContext", {}))
+    return sc
+
+
+@pytest.mark.parametrize("target", ALL_TARGETS)
+def test_every_container_is_hardened(rendered, target):
+    for w in of_kind(rendered[target], *WORKLOAD_KINDS):
+        pod = pod_spec(w)
+        where = f"{target} {w['kind']}/{w['metadata']['name']}"
+        assert pod.get("automountServiceAccountToken") is False, where
+        for forbidden in ("hostNetwork", "hostPID", "hostIPC"):
+            assert not pod.get(forbidden), where
+        for v in pod.get("volumes", []):
+            kinds = set(v) - {"name"}
+            assert kinds <= RESTRICTED_VOLUMES, f"{where}: volume {v['name']} of type {kinds}"
+        mounts_tmp = {}
+        for c in containers(w):
+            sc = effective_security(pod, c)
+            assert sc.get("runAsNonRoot") is True, (where, c["name"])
+            assert sc.get("runAsUser", 0) != 0, (where, c["name"])
+            assert sc.get("allowPrivilegeEscalation") is False, (where, c["name"])
+            assert sc.get("readOnlyRootFilesystem") is True, (where, c["name"])
+            assert "ALL" in sc.get("capabilities", {}).get("drop", []), (where, c["name"])
+            assert not sc.get("capabilities", {}).get("add"), (where, c["name"])
+            assert sc.get("seccompProfile", {}).get("type") == "RuntimeDefault", (where, c["name"])
+            assert not sc.get("privileged"), (where, c["name"])
+            mounts_tmp[c["name"]] = any(m["mountPath"] == "/tmp" for m in c.get("volumeMounts", []))
+        # A read-only root filesystem needs a writable /tmp.
+        assert all(mounts_tmp.values()), f"{where}: containers without /tmp: {mounts_tmp}"
+
+
+@pytest.mark.parametrize("target", ALL_TARGETS)
+def test_images_are_pinned(rendered, target):
+    for w in of_kind(rendered[target], *WORKLOAD_KINDS):
+        for c in containers(w):
+            image = c["image"]
+            assert "@sha256:" in image or re.search(r":[\w.-]+$", image.rsplit("/", 1)[-1]), image
+            assert not image.endswith(":latest"), image
+            assert c.get("imagePullPolicy") == "IfNotPresent", (target, c["name"])
+
+
+@pytest.mark.parametrize("target", OVERLAYS)
+def test_grace_period_exceeds_the_servers_grace_seconds(rendered, target):
+    for w in server_workloads(rendered[target]):
+        grace = float(flags(main_container(w))["grace-seconds"])
+        assert pod_spec(w)["terminationGracePeriodSeconds"] > grace, w["metadata"]["name"]
+
+
+# ------------------------------------------------------------------------------------------------------------
+# GPUs
+# ------------------------------------------------------------------------------------------------------------
+def tolerates_gpu(pod: dict) -> bool:
+    return any(
+        t.get("key") == "nvidia.com/gpu" and t.get("effect") in (None, "NoSchedule")
+        and (t.get("operator") == "Exists" or t.get("operator", "Equal") == "Equal")
+        for t in pod.get("tolerations", [])
+    )
+
+
+@pytest.mark.parametrize("target", [*GPU_OVERLAYS, "examples/gke-with-servicemonitor"])
+def test_gpu_pods_request_a_gpu_and_tolerate_the_taint(rendered, target):
+    servers = server_workloads(rendered[target])
+    assert {component(w) for w in servers} == SERVICES
+    for w in of_kind(rendered[target], *WORKLOAD_KINDS):
+        gpus = [c for c in containers(w) if "nvidia.com/gpu" in c.get("resources", {}).get("limits", {})]
+        if w in servers:
+            assert [c["name"] for c in gpus] == [component(w)], w["metadata"]["name"]
+            assert gpus[0]["resources"]["limits"]["nvidia.com/gpu"] == 1
+        if gpus:
+            assert tolerates_gpu(pod_spec(w)), f"{target}: {w['metadata']['name']} requests a GPU without the toleration"
+            assert pod_spec(w).get("nodeSelector"), f"{target}: {w['metadata']['name']} has no GPU node selector"
+
+
+CLOUD_PLACEMENT = {
+    "overlays/gke": ({"cloud.google.com/gke-accelerator"}, set()),
+    "overlays/eks": ({"karpenter.sh/nodepool", "karpenter.k8s.aws/instance-gpu-manufacturer"}, set()),
+    "overlays/aks": ({"kubernetes.azure.com/accelerator"}, {"sku"}),
+}
+
+
+@pytest.mark.parametrize("target", GPU_OVERLAYS)
+def test_cloud_overlays_pick_their_gpu_node_pool(rendered, target):
+    labels, taints = CLOUD_PLACEMENT[target]
+    for w in server_workloads(rendered[target]):
+        pod = pod_spec(w)
+        assert labels <= set(pod["nodeSelector"]), (target, w["metadata"]["name"])
+        assert taints <= {t["key"] for t in pod["tolerations"]}, (target, w["metadata"]["name"])
+
+
+def test_dev_cpu_requests_no_gpu_and_runs_the_tiny_bundle_on_cpu(rendered):
+    objs = rendered["overlays/dev-cpu"]
+    assert "nvidia.com/gpu" not in yaml.safe_dump(objs)
+    assert not of_kind(objs, "HorizontalPodAutoscaler")  # no prometheus-adapter on a laptop
+    for w in server_workloads(objs):
+        pod = pod_spec(w)
+        assert not pod.get("tolerations") and not pod.get("nodeSelector")
+        c = main_container(w)
+        assert flags(c)["device"] == "cpu"
+        assert c["image"] == "ice-cpu:dev"
+        (init,) = pod["initContainers"]
+        assert init["command"][:2] == ["ice-bundle", "tiny"]
+        (bundle,) = [v for v in pod["volumes"] if v["name"] == "bundle"]
+        assert set(bundle) == {"name", "emptyDir"}
+    (secret,) = of_kind(objs, "Secret")
+    assert secret["metadata"]["name"].startswith("ice-auth")
+
+
+@pytest.mark.parametrize("target", GPU_OVERLAYS)
+def test_no_secret_is_committed_for_real_clusters(rendered, target):
+    assert not of_kind(rendered[target], "Secret")
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Services, ports, flags
+# ------------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("target", OVERLAYS)
+def test_services_are_headless_and_ports_agree_with_flags_and_probes(rendered, target):
+    objs = rendered[target]
+    services = of_kind(objs, "Service")
+    assert services
+    for svc in services:
+        name = svc["metadata"]["name"]
+        assert svc["spec"].get("clusterIP") == "None", f"{name} is not headless"
+        backends = [w for w in server_workloads(objs) if selects({"matchLabels": svc["spec"]["selector"]},
+                                                                 w["spec"]["template"]["metadata"]["labels"])]
+        assert len(backends) == 1, f"{name} selects {len(backends)} workloads"
+        c = main_container(backends[0])
+        f = flags(c)
+        ports = {p["name"]: p for p in svc["spec"]["ports"]}
+        assert set(ports) == {"grpc", "metrics"}, name
+        # Clients of a headless Service dial pod IPs at the Service port: it must be the container's port.
+        for pname, flag in (("grpc", "port"), ("metrics", "metrics-port")):
+            assert ports[pname]["port"] == port_number(c, ports[pname]["targetPort"]) == int(f[flag]), (name, pname)
+        assert port_number(c, "health") == int(f["health-port"])
+        assert len({int(f["port"]), int(f["health-port"]), int(f["metrics-port"])}) == 3
+    # A StatefulSet's serviceName is its headless Service.
+    for sts in of_kind(objs, "StatefulSet"):
+        assert sts["spec"]["serviceName"] in {s["metadata"]["name"] for s in services}
+
+
+@pytest.mark.parametrize("target", OVERLAYS)
+def test_settings_and_token_come_from_the_configmap_and_the_secret(rendered, target):
+    objs = rendered[target]
+    configmaps = {o["metadata"]["name"] for o in of_kind(objs, "ConfigMap")}
+    for w in server_workloads(objs):
+        c = main_container(w)
+        (ref,) = c["envFrom"]
+        assert ref["configMapRef"]["name"] in configmaps and ref["configMapRef"]["name"].startswith("ice-settings")
+        token_file = flags(c)["auth-token-file"]
+        (mount,) = [m for m in c["volumeMounts"] if token_file.startswith(m["mountPath"] + "/")]
+        (vol,) = [v for v in pod_spec(w)["volumes"] if v["name"] == mount["name"]]
+        assert vol["secret"]["secretName"].startswith("ice-auth")
+        assert token_file.endswith("/" + vol["secret"]["items"][0]["path"])
+        assert vol["secret"]["items"][0]["key"] == "token"
+        assert flags(c)["bundle"] == "/models/bundle"
+        (bundle,) = [m for m in c["volumeMounts"] if m["mountPath"] == "/models/bundle"]
+        assert bundle.get("readOnly") is True
+
+
+@pytest.mark.parametrize("target", OVERLAYS)
+def test_volumes_refer_to_claims_that_exist(rendered, target):
+    objs = rendered[target]
+    claims = {o["metadata"]["name"] for o in of_kind(objs, "PersistentVolumeClaim")}
+    for w in server_workloads(objs):
+        for v in pod_spec(w)["volumes"]:
+            if "persistentVolumeClaim" in v:
+                assert v["persistentVolumeClaim"]["claimName"] in claims, (target, v)
+                if v["name"] == "bundle":
+                    assert v["persistentVolumeClaim"]["readOnly"] is True
+    # The learner's job store is a per-replica claim, mounted where --job-store points.
+    (learner,) = [w for w in server_workloads(objs) if component(w) == "learner"]
+    assert learner["kind"] == "StatefulSet"
+    (template,) = learner["spec"]["volumeClaimTemplates"]
+    (mount,) = [m for m in main_container(learner)["volumeMounts"] if m["name"] == template["metadata"]["name"]]
+    assert flags(main_container(learner))["job-store"].startswith(mount["mountPath"] + "/")
+    # The batch Jobs' claims are provided by the overlay they run beside.
+    for job in of_kind(rendered["batch/extract"], "Job") + (
+        of_kind(rendered["batch/assemble-bundle"], "Job") if target in GPU_OVERLAYS else []
+    ):
+        for v in pod_spec(job)["volumes"]:
+            if "persistentVolumeClaim" in v:
+                assert v["persistentVolumeClaim"]["claimName"] in claims, (target, job["metadata"]["name"], v)
+
+
+# ------------------------------------------------------------------------------------------------------------
+# NetworkPolicy, PDB, HPA, ServiceMonitor
+# ------------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("target", OVERLAYS)
+def test_network_policies_deny_by_default_and_open_only_existing_ports(rendered, target):
+    objs = rendered[target]
+    servers = server_workloads(objs)
+    policies = of_kind(objs, "NetworkPolicy")
+    deny = [p for p in policies if p["spec"].get("ingress") == [] and "Ingress" in p["spec"]["policyTypes"]]
+    assert deny, "no default-deny ingress policy"
+    for w in servers:
+        labels = w["spec"]["template"]["metadata"]["labels"]
+        assert any(selects(p["spec"]["podSelector"], labels) for p in deny), w["metadata"]["name"]
+    opened = set()
+    for p in policies:
+        selected = [w for w in servers if selects(p["spec"]["podSelector"], w["spec"]["template"]["metadata"]["labels"])]
+        assert selected, f"{p['metadata']['name']} selects no pod"
+        for rule in p["spec"].get("ingress", []):
+            for port in rule.get("ports", []):
+                for w in selected:
+                    port_number(main_container(w), port["port"])  # raises when the pod has no such port
+                opened.add(port["port"])
+    assert opened == {"grpc", "metrics"}  # never the health port: probes come from the kubelet
+    # The batch Job's pods carry the client label that the gRPC policy admits.
+    (grpc_policy,) = [p for p in policies if any(
+        pt["port"] == "grpc" for r in p["spec"].get("ingress", []) for pt in r.get("ports", []))]
+    (job,) = of_kind(rendered["batch/extract"], "Job")
+    job_labels = job["spec"]["template"]["metadata"]["labels"]
+    assert any(selects(src["podSelector"], job_labels) for r in grpc_policy["spec"]["ingress"] for src in r["from"])
+
+
+@pytest.mark.parametrize("target", OVERLAYS)
+def test_each_server_has_a_pdb(rendered, target):
+    objs = rendered[target]
+    pdbs = of_kind(objs, "PodDisruptionBudget")
+    for w in server_workloads(objs):
+        labels = w["spec"]["template"]["metadata"]["labels"]
+        matching = [p for p in pdbs if selects(p["spec"]["selector"], labels)]
+        assert len(matching) == 1, w["metadata"]["name"]
+        assert matching[0]["spec"]["maxUnavailable"] == 1
+    for p in pdbs:
+        assert any(selects(p["spec"]["selector"], w["spec"]["template"]["metadata"]["labels"])
+                   for w in server_workloads(objs)), p["metadata"]["name"]
+
+
+@pytest.mark.parametrize("target", GPU_OVERLAYS)
+def test_hpa_scales_the_learner_on_queue_depth(rendered, target):
+    objs = rendered[target]
+    (hpa,) = of_kind(objs, "HorizontalPodAutoscaler")
+    ref = hpa["spec"]["scaleTargetRef"]
+    (learner,) = [w for w in server_workloads(objs) if w["kind"] == ref["kind"] and w["metadata"]["name"] == ref["name"]]
+    assert component(learner) == "learner"
+    (metric,) = hpa["spec"]["metrics"]
+    assert metric["type"] == "Pods"
+    assert metric["pods"]["metric"]["name"] == "ice_learner_queue_depth"
+    assert metric["pods"]["target"]["type"] == "AverageValue"
+    assert 1 <= hpa["spec"]["minReplicas"] < hpa["spec"]["maxReplicas"]
+
+
+def test_servicemonitors_scrape_every_service_metrics_port(rendered):
+    objs = rendered["examples/gke-with-servicemonitor"]
+    monitors = of_kind(objs, "ServiceMonitor")
+    for svc in of_kind(objs, "Service"):
+        matching = [m for m in monitors if selects(m["spec"]["selector"], svc["metadata"]["labels"])]
+        assert len(matching) == 1, svc["metadata"]["name"]
+        assert [e["port"] for e in matching[0]["spec"]["endpoints"]] == ["metrics"]
+        assert matching[0]["metadata"]["namespace"] == svc["metadata"]["namespace"]
+
+
+@pytest.mark.parametrize("target", OVERLAYS)
+def test_overlays_put_everything_in_one_restricted_namespace(rendered, target):
+    objs = rendered[target]
+    (ns,) = of_kind(objs, "Namespace")
+    assert ns["metadata"]["labels"]["pod-security.kubernetes.io/enforce"] == "restricted"
+    for o in objs:
+        if o["kind"] != "Namespace":
+            assert o["metadata"]["namespace"] == ns["metadata"]["name"], (o["kind"], o["metadata"]["name"])
+    for batch in BATCH:
+        for o in rendered[batch]:
+            assert o["metadata"]["namespace"] == ns["metadata"]["name"]
+
+
+# ------------------------------------------------------------------------------------------------------------
+# batch Jobs
+# ------------------------------------------------------------------------------------------------------------
+def manifest_items(text: str) -> list[str]:
+    return [line.strip() for line in text.splitlines() if line.strip() and not line.lstrip().startswith("#")]
+
+
+def check_extract_job(objs: list[dict]) -> int:
+    (job,) = of_kind(objs, "Job")
+    spec = job["spec"]
+    assert spec["completionMode"] == "Indexed"
+    for field in ("backoffLimitPerIndex", "maxFailedIndexes", "activeDeadlineSeconds", "ttlSecondsAfterFinished"):
+        assert isinstance(spec.get(field), int) and spec[field] > 0, field
+    assert pod_spec(job)["restartPolicy"] == "Never"
+    actions = {r["action"] for r in spec["podFailurePolicy"]["rules"]}
+    assert {"FailIndex", "Ignore"} <= actions
+    (c,) = containers(job)
+    f = {k: expand(v, c) for k, v in flags(c).items()}
+    completions = spec["completions"]
+    assert f["shard-count"] == str(completions), "--shard-count must equal completions"
+    assert f["shard-index"] == "$(JOB_COMPLETION_INDEX)"  # set by Kubernetes in each pod of an Indexed Job
+    assert spec["parallelism"] >= 1
+    # The manifest the Job mounts, sharded as the pods will: every image exactly once.
+    (cm,) = of_kind(objs, "ConfigMap")
+    manifest_path = c["args"][1]
+    (mount,) = [m for m in c["volumeMounts"] if manifest_path.startswith(m["mountPath"] + "/")]
+    (vol,) = [v for v in pod_spec(job)["volumes"] if v["name"] == mount["name"]]
+    assert vol["configMap"]["name"] == cm["metadata"]["name"]
+    items = manifest_items(cm["data"][manifest_path.rsplit("/", 1)[1]])
+    assert len(items) > completions
+    taken = Counter(item for i in range(completions) for item in shard(items, i, int(f["shard-count"])))
+    assert taken == Counter(items) and set(taken.values()) == {1}
+    return completions
+
+
+def test_batch_job_is_indexed_and_its_shards_cover_the_manifest(rendered):
+    check_extract_job(rendered["batch/extract"])
+
+
+@needs_kubectl
+def test_shard_count_follows_completions(tmp_path):
+    copy = tmp_path / "extract"
+    shutil.copytree(K8S / "batch" / "extract", copy)
+    job = copy / "job.yaml"
+    text, n = re.subn(r"(?m)^(  completions:) \d+", r"\1 3", job.read_text())
+    assert n == 1
+    job.write_text(text)
+    assert check_extract_job(render_dir(copy)) == 3
+
+
+def test_batch_job_reaches_the_services_by_their_headless_names_and_ports(rendered):
+    (job,) = of_kind(rendered["batch/extract"], "Job")
+    (c,) = containers(job)
+    assert c["command"] == ["ice"] and c["args"][0] == "batch"
+    f = flags(c)
+    services = {s["metadata"]["name"]: s for s in of_kind(rendered["overlays/gke"], "Service")}
+    for svc in SERVICES:
+        m = re.fullmatch(r"dns:///([a-z-]+)\.\$\(POD_NAMESPACE\)\.svc\.\$\(CLUSTER_DOMAIN\):(\d+)", f[svc])
+        assert m, f[svc]
+        grpc = [p["port"] for p in services[m.group(1)]["spec"]["ports"] if p["name"] == "grpc"]
+        assert m.group(1) == f"ice-{svc}" and grpc == [int(m.group(2))]
+    assert f["out"].startswith("/outputs/")
+    (out,) = [m for m in c["volumeMounts"] if m["mountPath"] == "/outputs"]
+    (vol,) = [v for v in pod_spec(job)["volumes"] if v["name"] == out["name"]]
+    assert vol["persistentVolumeClaim"]["claimName"] == "ice-outputs"
+    assert "$(" not in expand(f["out"], c)  # a fixed run directory: re-running resumes it
+
+
+def test_assemble_job_reads_weights_and_writes_then_verifies_the_bundle(rendered):
+    (job,) = of_kind(rendered["batch/assemble-bundle"], "Job")
+    pod = pod_spec(job)
+    (assemble,) = pod["initContainers"]
+    (verify,) = pod["containers"]
+    assert assemble["command"] == ["ice-bundle"] and assemble["args"][0] == "assemble"
+    assert verify["command"] == ["ice-bundle"] and verify["args"][:1] == ["verify"]
+    claims = {v["name"]: v["persistentVolumeClaim"] for v in pod["volumes"] if "persistentVolumeClaim" in v}
+    assert claims["weights"] == {"claimName": "ice-weights", "readOnly": True}
+    assert claims["bundle"] == {"claimName": "ice-bundle"}
+    mounts = {m["name"]: m for m in assemble["volumeMounts"]}
+    assert mounts["weights"]["readOnly"] is True and not mounts["bundle"].get("readOnly")
+    f = flags(assemble)
+    assert f["out"] == mounts["bundle"]["mountPath"] == verify["args"][1]
+    for flag in ("diffusion", "open-clip-config", "open-clip-weights", "dino", "vocab"):
+        assert f[flag].startswith(mounts["weights"]["mountPath"] + "/"), flag
+    assert "copy" in f  # weights and bundle are different volumes: no hard links
+    spec = job["spec"]
+    for field in ("activeDeadlineSeconds", "ttlSecondsAfterFinished", "podFailurePolicy"):
+        assert field in spec
+    assert pod["restartPolicy"] == "Never"
