@@ -1,0 +1,528 @@
+"""ICE stage 2, structured concept learning (ICE_REFERENCE B §3), as a resumable training loop. No gRPC.
+
+Phases, in global step order (B §3.3):
+1. object level (`phase1_steps`): `<*i>` and `<&i>` train on prompts "template(<*i><&i>)", with the masked
+   reconstruction, prior preservation, the phase-1 triplet and the attention loss;
+2. intrinsic (`phase2_steps`): the intrinsic tokens start as copies of `<*i>` and train on
+   "template(<&i><#i><%i><$i>)" with the intrinsic triplets; `<*i>`/`<&i>` are frozen;
+3. refinement (`refinement_steps`): the UNet (every weight, or a LoRA) and the intrinsic tokens train with a new
+   AdamW at the UNet learning rate, same prompts and losses as phase 2.
+
+Each step samples one concept, a template, a flip, noise with offset noise and timesteps from
+p(t) ∝ 1 − t_dist·cos(πt/T), all from the job's own seeded generators. A checkpoint holds every tensor and
+RNG state the next step depends on, so a resumed job computes exactly what an uninterrupted one would.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import random
+import shutil
+import time
+from collections.abc import Callable
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from services.common.errors import BundleError, InvalidArgument
+from services.common.images import image_to_tensor
+from services.learner import checkpoints
+from services.learner import losses as L
+from services.learner.attention import AttentionStore, install_capture
+from services.learner.tokens import (
+    CONCEPT,
+    DEFAULT_ANCHORS,
+    GENERIC_WORD,
+    INSTANCE,
+    INTRINSIC,
+    ConceptTokens,
+    plan_tokens,
+)
+
+log = logging.getLogger("ice.learner.trainer")
+
+PREPARING, OBJECT_LEVEL, INTRINSIC_PHASE, REFINEMENT, FINISHING = (
+    "preparing", "object_level", "intrinsic", "refinement", "finishing")
+ABLATIONS = ("none", "mask_only", "without_stage_two", "without_text_init")
+DELTAS = ("full", "lora")
+
+# Textual-Inversion-style templates the published code draws from uniformly (B §3.2).
+TEMPLATES = (
+    "a photo of a {}", "a rendering of a {}", "a cropped photo of the {}", "the photo of a {}",
+    "a photo of a clean {}", "a photo of a dirty {}", "a dark photo of the {}", "a photo of my {}",
+    "a photo of the cool {}", "a close-up photo of a {}", "a bright photo of the {}", "a cropped photo of a {}",
+    "a photo of the {}", "a good photo of the {}", "a photo of one {}", "a close-up photo of the {}",
+    "a rendition of the {}", "a photo of the clean {}", "a rendition of a {}", "a photo of a nice {}",
+    "a good photo of a {}", "a photo of the nice {}", "a photo of the small {}", "a photo of the weird {}",
+    "a photo of the large {}", "a photo of a cool {}", "a photo of a small {}",
+)
+ADAM = dict(betas=(0.9, 0.999), weight_decay=1e-2, eps=1e-8)
+MAX_GRAD_NORM = 1.0
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """Steps and loss weights; the defaults are the published ones (B §3.3, §3.11)."""
+
+    phase1_steps: int = 400
+    phase2_steps: int = 400
+    refinement_steps: int = 300
+    embedding_learning_rate: float = 5e-4
+    unet_learning_rate: float = 2e-6
+    checkpoint_every: int = 100
+    num_class_images: int = 1000
+    class_prompt: str = "a photo at the beach"
+    prior_loss_weight: float = 1.0
+    lambda_attention: float = 1e-5
+    noise_offset: float = 0.1
+    t_dist: float = 0.5
+    reg_weight: float = 1.0
+    reg_intrinsic_weight: float = 5e-2
+    pos_neg_margin: float = 5e-2
+
+    @property
+    def total_steps(self) -> int:
+        return self.phase1_steps + self.phase2_steps + self.refinement_steps
+
+    def for_ablation(self, ablation: str) -> Schedule:
+        return replace(self, phase2_steps=0, refinement_steps=0) if ablation == "without_stage_two" else self
+
+
+@dataclass
+class Concept:
+    concept_id: str
+    noun: str
+    mask: np.ndarray  # bool [S, S] on the training square
+
+
+@dataclass
+class LearningSpec:
+    """One job's inputs, already on the training square (see `services.learner.server` for the decoding)."""
+
+    image: Image.Image  # RGB, S x S
+    concepts: list[Concept]
+    anchors: list[str] = field(default_factory=lambda: list(DEFAULT_ANCHORS))
+    schedule: Schedule = field(default_factory=Schedule)
+    ablation: str = "none"
+    refinement: str = "full"
+    lora_rank: int = 4
+    seed: int = 0
+
+    def __post_init__(self):
+        if self.ablation not in ABLATIONS:
+            raise InvalidArgument(f"unknown ablation {self.ablation!r}", field="ablation")
+        if self.refinement not in DELTAS:
+            raise InvalidArgument(f"unknown refinement delta {self.refinement!r}", field="refinement_delta")
+        if not self.concepts:
+            raise InvalidArgument("at least one concept is required", field="concepts")
+        self.schedule = self.schedule.for_ablation(self.ablation)
+        if self.ablation == "without_stage_two":
+            self.anchors = []
+
+    @property
+    def init_words(self) -> list[str | None]:
+        """Where `<*i>`/`<&i>` start: the noun, a generic word (mask only) or None = a random row."""
+        if self.ablation == "mask_only":
+            return [GENERIC_WORD] * len(self.concepts)
+        if self.ablation == "without_text_init":
+            return [None] * len(self.concepts)
+        return [c.noun for c in self.concepts]
+
+    @property
+    def object_words(self) -> list[str]:
+        """The triplet anchor a_i of each concept."""
+        return [GENERIC_WORD if self.ablation == "mask_only" else c.noun for c in self.concepts]
+
+
+@dataclass
+class StepInfo:
+    phase: str
+    step: int  # steps completed, over all phases
+    total: int
+    losses: dict[str, float]
+
+
+@dataclass
+class TrainResult:
+    tokens: list  # TokenSpec
+    embeddings: dict[str, torch.Tensor]  # token -> [D] float32
+    unet_delta: dict[str, torch.Tensor] | None  # name -> trained − base (full refinement)
+    lora: dict[str, torch.Tensor] | None  # diffusers-format LoRA state dict (LoRA refinement)
+
+
+class Interrupted(Exception):
+    """Raised by a step callback to stop now and keep the job resumable (a checkpoint is written)."""
+
+
+def phase_of(step: int, schedule: Schedule) -> str:
+    if step < schedule.phase1_steps:
+        return OBJECT_LEVEL
+    if step < schedule.phase1_steps + schedule.phase2_steps:
+        return INTRINSIC_PHASE
+    return REFINEMENT
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# class images for prior preservation, shared by every job
+
+
+def class_images_key(bundle_digest: str, prompt: str, count: int, steps: int) -> str:
+    return hashlib.sha256(f"{bundle_digest}\n{prompt}\n{count}\n{steps}".encode()).hexdigest()[:24]
+
+
+def ensure_class_images(bundle, prompt: str, count: int, cache_dir: Path, device: str, steps: int = 50,
+                        batch_size: int = 4) -> list[Path]:
+    """The `count` class images of `prompt`, generated once per (bundle, prompt, count, steps) and cached.
+
+    Image n is generated with seed n, so the cache is reproducible; the folder is written under a temporary
+    name and renamed, so concurrent replicas never see half a set.
+    """
+    folder = cache_dir / class_images_key(bundle.digest, prompt, count, steps)
+    names = [folder / f"{n:05d}.png" for n in range(count)]
+    if (folder / "done.json").is_file():
+        return names
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    tmp = cache_dir / f".tmp-{folder.name}-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    dtype = torch.bfloat16 if str(device).startswith("cuda") else torch.float32
+    pipe = bundle.load_diffusion(device, dtype)
+    for start in range(0, count, batch_size):
+        seeds = list(range(start, min(start + batch_size, count)))
+        images = pipe([prompt] * len(seeds), num_inference_steps=steps,
+                      generator=[torch.Generator("cpu").manual_seed(s) for s in seeds]).images
+        for s, img in zip(seeds, images, strict=True):
+            img.save(tmp / f"{s:05d}.png")
+    (tmp / "done.json").write_text(json.dumps({"bundle": bundle.digest, "prompt": prompt, "count": count,
+                                               "steps": steps}))
+    try:
+        os.replace(tmp, folder)
+    except OSError:  # another replica finished first
+        shutil.rmtree(tmp, ignore_errors=True)
+    return names
+
+
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def load_components(bundle, device: str):
+    """A private copy of the tokenizer, text encoder, UNet, VAE and training scheduler (fp32 master weights)."""
+    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    root = bundle.root / "diffusion"
+    try:
+        tokenizer = CLIPTokenizer.from_pretrained(str(root / "tokenizer"), local_files_only=True)
+        text_encoder = CLIPTextModel.from_pretrained(str(root / "text_encoder"), local_files_only=True,
+                                                     use_safetensors=True, dtype=torch.float32)
+        unet = UNet2DConditionModel.from_pretrained(str(root), subfolder="unet", local_files_only=True,
+                                                    use_safetensors=True, torch_dtype=torch.float32)
+        vae = AutoencoderKL.from_pretrained(str(root), subfolder="vae", local_files_only=True, use_safetensors=True,
+                                            torch_dtype=torch.float32)
+        scheduler = DDPMScheduler.from_pretrained(str(root), subfolder="scheduler", local_files_only=True)
+    except Exception as e:  # noqa: BLE001 - diffusers/transformers raise many kinds
+        raise BundleError(f"cannot load the diffusion components: {e}", "diffusion") from None
+    for m in (text_encoder, unet, vae):
+        m.requires_grad_(False)
+        m.eval()
+        m.to(device)
+    return tokenizer, text_encoder, unet, vae, scheduler
+
+
+class Trainer:
+    """One learning job. `run()` trains (resuming from `work_dir/checkpoints` when present) and returns the
+    learned tokens; `on_step` is called after every step and may raise `Interrupted` or any error to stop."""
+
+    def __init__(
+        self,
+        bundle,
+        spec: LearningSpec,
+        work_dir: Path,
+        *,
+        device: str = "cpu",
+        class_images_dir: Path | None = None,
+        class_image_steps: int = 50,
+        on_step: Callable[[StepInfo], None] | None = None,
+        on_phase: Callable[[str], None] | None = None,
+    ):
+        self.bundle = bundle
+        self.spec = spec
+        self.schedule = spec.schedule
+        self.work_dir = Path(work_dir)
+        self.checkpoint_dir = self.work_dir / "checkpoints"
+        self.device = device
+        self.class_images_dir = Path(class_images_dir) if class_images_dir else self.work_dir / "class-images"
+        self.class_image_steps = class_image_steps
+        self.on_step = on_step or (lambda info: None)
+        self.on_phase = on_phase or (lambda phase: None)
+        self.autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if str(device).startswith("cuda")
+                         else nullcontext())
+        self.phase: str | None = None
+        self.optimizer: torch.optim.Optimizer | None = None
+        self.unet_params: dict[str, torch.nn.Parameter] = {}
+        self.last_losses: dict[str, float] = {}
+
+    # -- preparation --------------------------------------------------------------------------------------------
+
+    def prepare(self) -> None:
+        spec, s = self.spec, self.schedule
+        self.generator = torch.Generator("cpu").manual_seed(spec.seed)
+        self.rng = random.Random(spec.seed)
+        self.tokenizer, self.text_encoder, self.unet, self.vae, self.noise_scheduler = load_components(
+            self.bundle, self.device)
+        concepts = [(c.concept_id, c.noun) for c in spec.concepts]
+        self.tokens = ConceptTokens(self.tokenizer, self.text_encoder, plan_tokens(concepts, spec.anchors))
+        self.tokens.initialise(spec.init_words, self.rng)
+        self.row_mask = torch.zeros(len(self.tokens.specs), dtype=torch.bool, device=self.device)
+        self.tokens.new.register_hook(lambda g: g * self.row_mask.unsqueeze(1).to(g.dtype))
+
+        dev = self.device
+        image = image_to_tensor(spec.image).to(dev)
+        masks = torch.from_numpy(np.stack([c.mask for c in spec.concepts])).float().unsqueeze(1).to(dev)
+        with torch.no_grad():
+            dists = [self.vae.encode(x).latent_dist for x in (image, image.flip(-1))]
+        self.instance_latents = [(d.mean, d.std) for d in dists]  # [unflipped, flipped]
+        self.masks = [masks, masks.flip(-1)]
+        self.scaling = float(self.vae.config.scaling_factor)
+
+        self.prior = s.num_class_images > 0
+        if self.prior:
+            self.class_paths = ensure_class_images(self.bundle, s.class_prompt, s.num_class_images,
+                                                   self.class_images_dir, dev, self.class_image_steps)
+            self.class_latents: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+            self.class_ids = self.tokens.input_ids([s.class_prompt], dev)
+
+        self.weights = L.timestep_weights(self.noise_scheduler.config.num_train_timesteps, s.t_dist).float()
+        self.store: AttentionStore | None = install_capture(self.unet) if s.lambda_attention > 0 else None
+        if self.store is not None:
+            self.store.keep = slice(1, 2) if self.prior else slice(0, 1)  # the instance sample only
+
+        # E(·) of the fixed words under the initial text encoder, and the phase-2 margins (B §3.8)
+        words = sorted(set(spec.anchors) | set(spec.object_words))
+        with torch.no_grad():
+            encoded = self.tokens.encode(words, dev)
+        self.word_e = dict(zip(words, encoded, strict=True))
+        self.margins = L.intrinsic_margins(self.word_e, spec.anchors)
+
+    def _class_latent(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        if index not in self.class_latents:
+            img = Image.open(self.class_paths[index]).convert("RGB")
+            with torch.no_grad():
+                d = self.vae.encode(image_to_tensor(img).to(self.device)).latent_dist
+            self.class_latents[index] = (d.mean, d.std)
+        return self.class_latents[index]
+
+    # -- phases -------------------------------------------------------------------------------------------------
+
+    def _rows(self, *roles: str) -> torch.Tensor:
+        mask = torch.zeros(len(self.tokens.specs), dtype=torch.bool, device=self.device)
+        for role in roles:
+            mask[self.tokens.rows(role)] = True
+        return mask
+
+    def _embedding_optimizer(self, params, lr) -> torch.optim.Optimizer:
+        return torch.optim.AdamW(params, lr=lr, **ADAM)
+
+    def enter_phase(self, phase: str, resuming: bool = False) -> None:
+        s = self.schedule
+        if phase == OBJECT_LEVEL:
+            self.row_mask = self._rows(INSTANCE, CONCEPT)
+        else:
+            self.row_mask = self._rows(INTRINSIC)
+            if not resuming and (phase == INTRINSIC_PHASE or s.phase2_steps == 0):
+                self.tokens.copy_instance_to_intrinsic()
+        if phase in (OBJECT_LEVEL, INTRINSIC_PHASE) and self.optimizer is None:
+            # one AdamW over the new rows for both phases: its state carries over into phase 2 (B §3.3)
+            self.optimizer = self._embedding_optimizer([self.tokens.new], s.embedding_learning_rate)
+        if phase == REFINEMENT:
+            self._setup_refinement()
+            params = [self.tokens.new, *self.unet_params.values()]
+            self.optimizer = self._embedding_optimizer(params, s.unet_learning_rate)
+        self.snapshot = self.tokens.new.detach().clone()
+        self.phase = phase
+
+    def _setup_refinement(self) -> None:
+        if self.spec.refinement == "lora":
+            from peft import LoraConfig
+
+            config = LoraConfig(r=self.spec.lora_rank, lora_alpha=self.spec.lora_rank, init_lora_weights="gaussian",
+                                target_modules=["to_k", "to_q", "to_v", "to_out.0"])
+            with torch.random.fork_rng(devices=[]):  # peft draws its init from the global RNG
+                torch.manual_seed(self.spec.seed)
+                self.unet.add_adapter(config)
+            self.unet.to(self.device)
+        else:
+            self.unet.requires_grad_(True)
+        self.unet_params = {n: p for n, p in self.unet.named_parameters() if p.requires_grad}
+
+    # -- one step -----------------------------------------------------------------------------------------------
+
+    def _noisy(self, mean, std, t):
+        latents = (mean + std * torch.randn(mean.shape, generator=self.generator).to(self.device)) * self.scaling
+        noise = torch.randn(latents.shape, generator=self.generator).to(self.device)
+        if self.schedule.noise_offset:
+            noise = noise + self.schedule.noise_offset * torch.randn(
+                (*latents.shape[:2], 1, 1), generator=self.generator).to(self.device)
+        return self.noise_scheduler.add_noise(latents, noise, t), noise
+
+    def _timestep(self) -> torch.Tensor:
+        return torch.multinomial(self.weights, 1, replacement=True, generator=self.generator).to(self.device)
+
+    def step(self, step: int) -> dict[str, float]:
+        s, spec, tokens = self.schedule, self.spec, self.tokens
+        i = self.rng.randrange(len(spec.concepts))
+        template = self.rng.choice(TEMPLATES)
+        flip = int(torch.rand((), generator=self.generator).item() < 0.5)
+        if self.phase == OBJECT_LEVEL:
+            prompt_tokens = [tokens.token(INSTANCE, i), tokens.token(CONCEPT, i)]
+            attend = [tokens.token(CONCEPT, i), tokens.token(INSTANCE, i)]
+        else:
+            intrinsic = [t.token for t in tokens.intrinsic_tokens(i)]
+            prompt_tokens = attend = [tokens.token(CONCEPT, i), *intrinsic]
+        ids = tokens.input_ids([template.format("".join(prompt_tokens))], self.device)
+
+        batch_latents, batch_noise, batch_t = [], [], []
+        if self.prior:
+            t = self._timestep()
+            x, n = self._noisy(*self._class_latent(step % len(self.class_paths)), t)
+            batch_latents.append(x), batch_noise.append(n), batch_t.append(t)
+            ids = torch.cat([self.class_ids, ids])
+        t = self._timestep()
+        x, n = self._noisy(*self.instance_latents[flip], t)
+        batch_latents.append(x), batch_noise.append(n), batch_t.append(t)
+        mask = self.masks[flip][i : i + 1]
+
+        with self.autocast:
+            hidden = self.text_encoder(input_ids=ids)[0]
+            pred = self.unet(torch.cat(batch_latents), torch.cat(batch_t), encoder_hidden_states=hidden).sample
+        pred, noise = pred.float(), torch.cat(batch_noise)
+
+        terms: dict[str, torch.Tensor] = {"reconstruction": L.masked_reconstruction(pred[-1:], noise[-1:], mask)}
+        if self.prior:
+            terms["prior"] = F.mse_loss(pred[:1], noise[:1])
+        with self.autocast:
+            if self.phase == OBJECT_LEVEL:
+                e = tokens.encode([tokens.token(CONCEPT, i), tokens.token(INSTANCE, i)], self.device)
+                triplet = L.phase1_triplet(self.word_e[spec.object_words[i]], e[0], e[1], s.pos_neg_margin)
+                terms["triplet"] = s.reg_weight * triplet
+            else:
+                intrinsic_specs = tokens.intrinsic_tokens(i)
+                e = tokens.encode([tokens.token(CONCEPT, i), *[t.token for t in intrinsic_specs]], self.device)
+                triplet = L.phase2_triplets(
+                    {a: self.word_e[a] for a in spec.anchors}, self.word_e[spec.object_words[i]],
+                    spec.object_words[i], e[0], {t.attribute: e[k + 1] for k, t in enumerate(intrinsic_specs)},
+                    self.margins)
+                terms["triplet"] = s.reg_intrinsic_weight * triplet
+        if self.store is not None:
+            maps = self.store.average()  # [1, side, side, 77]
+            positions = tokens.positions(ids[-1], attend)
+            attention = maps[..., positions].mean(dim=-1)
+            terms["attention"] = s.lambda_attention * L.attention_loss(attention, mask)
+            self.store.clear()
+        total = terms["reconstruction"] + s.prior_loss_weight * terms.get("prior", 0.0)
+        total = total + terms["triplet"] + terms.get("attention", 0.0)
+
+        total.backward()
+        params = [p for group in self.optimizer.param_groups for p in group["params"]]
+        torch.nn.utils.clip_grad_norm_(params, MAX_GRAD_NORM)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        with torch.no_grad():  # frozen rows back to their phase-start values (B §3.3)
+            frozen = ~self.row_mask
+            self.tokens.new[frozen] = self.snapshot[frozen]
+        losses = {k: float(v.detach()) for k, v in terms.items()}
+        losses["total"] = float(total.detach())
+        return losses
+
+    # -- checkpoints --------------------------------------------------------------------------------------------
+
+    def save_checkpoint(self, step: int) -> None:
+        opt_tensors, opt_meta = checkpoints.optimizer_to_flat(self.optimizer)
+        tensors = {"new": self.tokens.new.detach(), "snapshot": self.snapshot,
+                   "rng.torch": self.generator.get_state(), **opt_tensors}
+        tensors.update({f"unet.{n}": p.detach() for n, p in self.unet_params.items()})
+        state = {"phase": self.phase, "python_rng": checkpoints.python_rng_to_json(self.rng.getstate()),
+                 "optimizer": opt_meta, "losses": self.last_losses}
+        checkpoints.save(self.checkpoint_dir, step, tensors, state)
+
+    def _restore(self, tensors: dict[str, torch.Tensor], state: dict) -> None:
+        self.enter_phase(state["phase"], resuming=True)
+        with torch.no_grad():
+            self.tokens.new.copy_(tensors["new"].to(self.device))
+            self.snapshot = tensors["snapshot"].to(self.device)
+            for n, p in self.unet_params.items():
+                p.copy_(tensors[f"unet.{n}"].to(self.device))
+        checkpoints.optimizer_from_flat(self.optimizer, {k: v.to(self.device) for k, v in tensors.items()},
+                                        state["optimizer"])
+        self.generator.set_state(tensors["rng.torch"])
+        self.rng.setstate(checkpoints.python_rng_from_json(state["python_rng"]))
+        self.last_losses = dict(state.get("losses") or {})
+
+    def _checkpoint_due(self, done: int) -> bool:
+        s = self.schedule
+        boundary = done in (s.phase1_steps, s.phase1_steps + s.phase2_steps) and done < s.total_steps
+        return boundary or (s.checkpoint_every > 0 and done % s.checkpoint_every == 0 and done < s.total_steps)
+
+    # -- the loop -----------------------------------------------------------------------------------------------
+
+    def run(self, resume: bool = True) -> TrainResult:
+        self.on_phase(PREPARING)
+        self.prepare()
+        start = 0
+        found = checkpoints.load_latest(self.checkpoint_dir) if resume else None
+        if found is not None:
+            start, tensors, state = found
+            self._restore(tensors, state)
+            log.info("resuming at step %d (%s)", start, self.phase)
+            self.on_phase(self.phase)
+        total = self.schedule.total_steps
+        for step in range(start, total):
+            phase = phase_of(step, self.schedule)
+            if phase != self.phase:
+                self.enter_phase(phase)
+                self.on_phase(phase)
+            started = time.perf_counter()
+            self.last_losses = self.step(step)
+            done = step + 1
+            info = StepInfo(phase, done, total, dict(self.last_losses))
+            info.losses["step_seconds"] = time.perf_counter() - started
+            try:
+                self.on_step(info)
+            except Interrupted:
+                if done < total:
+                    self.save_checkpoint(done)
+                raise
+            if self._checkpoint_due(done):
+                self.save_checkpoint(done)
+        self.on_phase(FINISHING)
+        return self.result()
+
+    def result(self) -> TrainResult:
+        delta = lora = None
+        if self.schedule.refinement_steps > 0 and self.spec.refinement == "full":
+            base, *_ = load_components(self.bundle, "cpu")[2:3]
+            base_state = base.state_dict()
+            delta = {n: (p.detach().float().cpu() - base_state[n].float()).contiguous()
+                     for n, p in self.unet_params.items()}
+        elif self.schedule.refinement_steps > 0:
+            from diffusers.utils import convert_state_dict_to_diffusers
+            from peft.utils import get_peft_model_state_dict
+
+            lora = {k: v.detach().float().cpu().contiguous() for k, v in
+                    convert_state_dict_to_diffusers(get_peft_model_state_dict(self.unet)).items()}
+        return TrainResult(list(self.tokens.specs), self.tokens.embeddings(), delta, lora)
+
+
+def spec_to_json(spec: LearningSpec) -> dict:
+    """Everything of a spec except the pixels (stored beside it as PNG files)."""
+    return {"concepts": [{"concept_id": c.concept_id, "noun": c.noun} for c in spec.concepts],
+            "anchors": spec.anchors, "schedule": asdict(spec.schedule), "ablation": spec.ablation,
+            "refinement": spec.refinement, "lora_rank": spec.lora_rank, "seed": spec.seed}
