@@ -537,7 +537,7 @@ def test_shard_count_follows_completions(tmp_path):
 def test_batch_job_reaches_the_services_by_their_headless_names_and_ports(rendered):
     (job,) = of_kind(rendered["batch/extract"], "Job")
     (c,) = containers(job)
-    assert c["command"] == ["ice"] and c["args"][0] == "batch"
+    assert c["command"] == ["python", "-m", "client"] and c["args"][0] == "batch"
     f = flags(c)
     services = {s["metadata"]["name"]: s for s in of_kind(rendered["overlays/gke"], "Service")}
     for svc in SERVICES:
@@ -573,3 +573,30 @@ def test_assemble_job_reads_weights_and_writes_then_verifies_the_bundle(rendered
     for field in ("activeDeadlineSeconds", "ttlSecondsAfterFinished", "podFailurePolicy"):
         assert field in spec
     assert pod["restartPolicy"] == "Never"
+
+
+def test_batch_job_args_are_what_the_ice_cli_accepts(rendered, tmp_path):
+    """The Job's command line, as Kubernetes expands it in pod 0, parsed by the real `ice` parser; its manifest
+    read by the real batch reader: the images are the absolute /inputs paths, sharded as the test above."""
+    from client.batch import list_items
+    from client.cli import build_parser
+
+    objs = rendered["batch/extract"]
+    (job,) = of_kind(objs, "Job")
+    (c,) = containers(job)
+    env = {"JOB_COMPLETION_INDEX": "0", "POD_NAMESPACE": "ice"}
+    args = [re.sub(r"\$\(([A-Z_]+)\)", lambda m: env.get(m.group(1)) or env_value(c, m.group(1)) or m.group(0), a)
+            for a in c["args"]]
+    assert not any("$(" in a for a in args), args
+    a = build_parser().parse_args(args)
+    assert a.shard_count == job["spec"]["completions"] and a.shard_index == 0
+    assert str(a.token_file) == "/var/run/secrets/ice/token"
+    assert a.localizer == "dns:///ice-localizer.ice.svc.cluster.local:50051"
+    (cm,) = of_kind(objs, "ConfigMap")
+    manifest = tmp_path / "manifest.txt"
+    manifest.write_text(cm["data"]["manifest.txt"])
+    items = list_items(manifest)
+    (inputs,) = [m for m in c["volumeMounts"] if m["name"] == "inputs"]
+    assert items and all(str(i.image).startswith(inputs["mountPath"] + "/") for i in items)
+    ids = Counter(i.id for k in range(a.shard_count) for i in shard(items, k, a.shard_count))
+    assert ids == Counter(i.id for i in items) and set(ids.values()) == {1}
