@@ -12,7 +12,7 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export HF_HUB_DISABLE_TELEMETRY := 1
 
-.PHONY: help install protos protos-check bundle demo test bench lint clean
+.PHONY: help install protos protos-check bundle demo test bench lint k8s-validate clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F ':.*## ' '{printf "  make %-13s %s\n", $$1, $$2}'
@@ -54,8 +54,11 @@ demo: bundle  ## install, build and verify the tiny bundle (the services' demo c
 	@echo "demo: the localizer, learner and evaluator services are not part of this build yet, so the demo"
 	@echo "      stops here; it will start them on loopback and run an extraction once they exist."
 
-test: $(STAMPS)/install  ## run the whole test suite
+test: $(STAMPS)/install k8s-validate  ## run the whole test suite
 	$(PY) -m pytest -q
+
+k8s-validate: $(STAMPS)/install  ## render every k8s overlay and Job; validate with kubernetes-validate --strict
+	KUBERNETES_VALIDATE=$(VENV)/bin/kubernetes-validate k8s/validate.sh
 
 bench: $(STAMPS)/install  ## run every benchmark, print ratios, write bench/results/latest.json
 	$(PY) bench/run.py
