@@ -244,7 +244,7 @@ def render_report(record: dict[str, Any], metrics: dict[str, Any]) -> str:
     size = max(160, min(480, loc["width"]))
     parts = [f"<h1>ICE extraction: {len(loc['concepts'])} concept(s)</h1>"]
     bundle = learning.get("bundle") or {}
-    if bundle.get("name") == "tiny":
+    if str(bundle.get("name", "")).startswith("tiny"):
         parts.append('<p class="note">Made with the <b>tiny</b> random bundle: it exercises every step, but its '
                      "concepts, images and scores carry no meaning. Assemble a real bundle with "
                      "<code>ice-bundle assemble</code>.</p>")
