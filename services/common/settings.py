@@ -164,8 +164,8 @@ def describe(cls: type = Settings) -> str:
 # --- per-service settings: each service's settings extend the shared ones --------------------------------------
 @dataclass(frozen=True)
 class LocalizerSettings(Settings):
-    max_concepts: int = _setting(8, "Default cap on concepts per image (a request may ask for fewer or more, up to 32).",
-                                 ("localizer",))
+    max_concepts: int = _setting(0, "Default cap on concepts per image when a request sets none (0 = no cap other "
+                                 "than max_rounds, as published); a request may ask for 1-64.", ("localizer",))
     onnx_providers: str = _setting(
         "auto", "onnxruntime providers, comma-separated (auto = CUDAExecutionProvider when present, then CPU).",
         ("localizer", "evaluator"))
@@ -186,6 +186,9 @@ class LearnerSettings(Settings):
         None, "Cache of prior-preservation class images shared by all jobs; default <job-store>/class-images.",
         ("learner",))
     resume_jobs: bool = _setting(True, "On start, resume unfinished jobs from their last checkpoint.", ("learner",))
+    max_concepts: int = _setting(16, "Most concepts one learning job may ask for (RESOURCE_EXHAUSTED beyond).",
+                                 ("learner",))
+    class_image_steps: int = _setting(50, "Denoising steps of each prior-preservation class image.", ("learner",))
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,152 @@
+"""LocalizerService through real gRPC on loopback, on the tiny bundle: a real photo, bad inputs, server info."""
+
+from __future__ import annotations
+
+import io
+import struct
+import zlib
+
+import grpc
+import numpy as np
+import pytest
+from google.rpc import error_details_pb2
+from grpc_status import rpc_status
+from PIL import Image
+
+from ice.localizer.v1 import localizer_pb2, localizer_pb2_grpc
+from services.common.server import start_server
+from services.common.settings import LocalizerSettings, from_sources
+from services.localizer.server import SERVICE, build_spec
+from tests.conftest import free_port
+
+# The tiny bundle's random UNet attends almost uniformly (all KL distances ~1e-3): a small merge threshold keeps
+# several segments, so that the noun wins some and masks are produced.
+TINY_OPTIONS = localizer_pb2.LocalizeOptions(merge_threshold=0.0008, min_area_fraction=0.0, max_rounds=3)
+
+
+@pytest.fixture(scope="module")
+def stub(tiny_bundle_dir):
+    settings = from_sources(
+        env={}, cls=LocalizerSettings, bundle=tiny_bundle_dir, host="127.0.0.1", port=free_port(), metrics_port=0
+    )
+    running = start_server(build_spec(settings), settings)
+    assert running.wait_ready(120), running.load_error
+    channel = grpc.insecure_channel(f"127.0.0.1:{running.port}")
+    yield localizer_pb2_grpc.LocalizerServiceStub(channel)
+    channel.close()
+    running.stop(grace=0)
+
+
+def _mask(data: bytes) -> np.ndarray:
+    img = Image.open(io.BytesIO(data))
+    assert img.format == "PNG" and img.mode == "L"
+    return np.asarray(img)
+
+
+def _bomb_png(width: int = 100_000, height: int = 100_000) -> bytes:
+    """A valid PNG signature and IHDR declaring a huge canvas, with a few bytes of data."""
+
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b"")
+
+
+def test_localizes_a_real_photo_masks_at_its_size(stub, photo_png):
+    response = stub.Localize(localizer_pb2.LocalizeRequest(image=photo_png, options=TINY_OPTIONS), timeout=120)
+    assert (response.width, response.height) == (600, 400)
+    assert response.concepts, "the small merge threshold should give the noun some segments"
+    assert response.stop_reason != localizer_pb2.STOP_REASON_UNSPECIFIED
+    assert 1 <= response.rounds <= 3
+    covered = np.zeros((400, 600), dtype=bool)
+    for i, concept in enumerate(response.concepts):
+        mask = _mask(concept.mask)
+        assert mask.shape == (400, 600)
+        assert set(np.unique(mask)) <= {0, 255}
+        assert concept.concept_id == f"c{i}"
+        assert concept.area_fraction == pytest.approx((mask > 0).mean(), abs=1e-6)
+        assert 0 < concept.area_fraction <= 1
+        assert concept.noun in [w.word for w in concept.retrieval] and len(concept.retrieval) <= 5
+        assert all(w.weight >= 0 for w in concept.retrieval)
+        # the centre-crop square of a 600x400 photo is columns 100..499: nothing outside it
+        assert not mask[:, :100].any() and not mask[:, 500:].any()
+        covered |= mask > 0
+    assert response.remaining_fraction == pytest.approx(1 - covered.mean(), abs=1e-6)
+    rounds = [c.round for c in response.concepts]
+    assert rounds == sorted(rounds)
+    stages = [t.stage for t in response.timings]
+    assert stages[0] == "decode" and stages[-1] == "encode" and "retrieve" in stages
+    assert all(t.seconds >= 0 for t in response.timings)
+
+
+def test_identical_requests_give_identical_results_and_max_concepts_caps(stub, photo_png):
+    request = localizer_pb2.LocalizeRequest(image=photo_png, options=TINY_OPTIONS)
+    a, b = stub.Localize(request, timeout=120), stub.Localize(request, timeout=120)
+    assert len(a.concepts) >= 2
+    assert [(c.noun, c.mask) for c in a.concepts] == [(c.noun, c.mask) for c in b.concepts]
+    options = localizer_pb2.LocalizeOptions()
+    options.CopyFrom(TINY_OPTIONS)
+    options.max_concepts = 1
+    capped = stub.Localize(localizer_pb2.LocalizeRequest(image=photo_png, options=options), timeout=120)
+    assert len(capped.concepts) == 1
+    assert capped.stop_reason == localizer_pb2.STOP_REASON_MAX_CONCEPTS
+    assert capped.concepts[0].area_fraction == max(c.area_fraction for c in a.concepts if c.round == 0)
+
+
+def _field_of(err: grpc.RpcError) -> str:
+    status = rpc_status.from_call(err)
+    for detail in status.details:
+        if detail.Is(error_details_pb2.BadRequest.DESCRIPTOR):
+            bad = error_details_pb2.BadRequest()
+            detail.Unpack(bad)
+            return bad.field_violations[0].field
+    return ""
+
+
+@pytest.mark.parametrize(
+    ("request_", "field"),
+    [
+        (localizer_pb2.LocalizeRequest(), "image"),
+        (localizer_pb2.LocalizeRequest(image=b"definitely not an image"), "image"),
+        (localizer_pb2.LocalizeRequest(image=_bomb_png()), "image"),
+        (localizer_pb2.LocalizeRequest(image=b"x", options={"refinement": 7}), "options.refinement"),
+        (localizer_pb2.LocalizeRequest(image=b"x", options={"max_rounds": 0}), "options.max_rounds"),
+        (localizer_pb2.LocalizeRequest(image=b"x", options={"max_concepts": 65}), "options.max_concepts"),
+        (localizer_pb2.LocalizeRequest(image=b"x", options={"l1_penalty": 0.0}), "options.l1_penalty"),
+        (localizer_pb2.LocalizeRequest(image=b"x", options={"merge_threshold": float("nan")}), "options.merge_threshold"),
+        (localizer_pb2.LocalizeRequest(image=b"x", options={"remaining_fraction_threshold": 1.0}),
+         "options.remaining_fraction_threshold"),
+        (localizer_pb2.LocalizeRequest(image=b"x", options={"min_area_fraction": -0.1}), "options.min_area_fraction"),
+        (localizer_pb2.LocalizeRequest(image=b"x", options={"merge_rounds": 11}), "options.merge_rounds"),
+        (localizer_pb2.LocalizeRequest(image=b"x", options={"timestep": 1000}), "options.timestep"),
+    ],
+)
+def test_bad_inputs_are_invalid_argument_naming_the_field(stub, request_, field):
+    with pytest.raises(grpc.RpcError) as info:
+        stub.Localize(request_, timeout=30)
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert _field_of(info.value) == field
+
+
+def test_keeps_serving_after_bad_inputs(stub, photo_png):
+    for bad in (b"", b"garbage", _bomb_png()):
+        with pytest.raises(grpc.RpcError):
+            stub.Localize(localizer_pb2.LocalizeRequest(image=bad), timeout=30)
+    ok = stub.Localize(localizer_pb2.LocalizeRequest(image=photo_png, options=TINY_OPTIONS), timeout=120)
+    assert (ok.width, ok.height) == (600, 400)
+
+
+def test_deadline_is_honoured(stub, photo_png):
+    options = localizer_pb2.LocalizeOptions(max_rounds=32, merge_threshold=0.0008, remaining_fraction_threshold=0.0)
+    with pytest.raises(grpc.RpcError) as info:
+        stub.Localize(localizer_pb2.LocalizeRequest(image=photo_png, options=options), timeout=0.05)
+    assert info.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+
+
+def test_server_info(stub, tiny_bundle):
+    info = stub.GetServerInfo(localizer_pb2.GetServerInfoRequest(), timeout=10).info
+    assert info.service == SERVICE
+    assert info.bundle.sha256 == tiny_bundle.digest
+    assert info.bundle.image_size == 64
+    assert info.device == "cpu" and info.bundle.precision == "fp32"
