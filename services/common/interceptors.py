@@ -80,6 +80,25 @@ def _wrap(handler: grpc.RpcMethodHandler | None, wrap_unary: Callable, wrap_stre
     )
 
 
+def _refuse(handler: grpc.RpcMethodHandler, code: grpc.StatusCode, message: str):
+    """A handler of the same shape that answers `code` without running the servicer."""
+
+    def refuse_unary(_behaviour):
+        def refused(request, context):
+            context.abort(code, message)
+
+        return refused
+
+    def refuse_stream(_behaviour):
+        def refused(request, context):
+            context.abort(code, message)
+            yield  # pragma: no cover  (makes this a generator)
+
+        return refused
+
+    return _wrap(handler, refuse_unary, refuse_stream)
+
+
 def _code_name(context: grpc.ServicerContext, exc: BaseException | None) -> str:
     code = None
     try:
@@ -174,20 +193,7 @@ class AuthInterceptor(grpc.ServerInterceptor):
         if handler is None or service == HEALTH_SERVICE or self._allowed(handler_call_details.invocation_metadata):
             return handler
 
-        def deny_unary(_behaviour):
-            def denied(request, context):
-                context.abort(grpc.StatusCode.UNAUTHENTICATED, "missing or invalid bearer token")
-
-            return denied
-
-        def deny_stream(_behaviour):
-            def denied(request, context):
-                context.abort(grpc.StatusCode.UNAUTHENTICATED, "missing or invalid bearer token")
-                yield  # pragma: no cover  (makes this a generator)
-
-            return denied
-
-        return _wrap(handler, deny_unary, deny_stream)
+        return _refuse(handler, grpc.StatusCode.UNAUTHENTICATED, "missing or invalid bearer token")
 
 
 class ReadinessInterceptor(grpc.ServerInterceptor):
@@ -202,20 +208,7 @@ class ReadinessInterceptor(grpc.ServerInterceptor):
         if handler is None or service == HEALTH_SERVICE or service in REFLECTION_SERVICES or self._is_ready():
             return handler
 
-        def not_ready_unary(_behaviour):
-            def unavailable(request, context):
-                context.abort(grpc.StatusCode.UNAVAILABLE, "the service is not ready (models loading or shutting down)")
-
-            return unavailable
-
-        def not_ready_stream(_behaviour):
-            def unavailable(request, context):
-                context.abort(grpc.StatusCode.UNAVAILABLE, "the service is not ready (models loading or shutting down)")
-                yield  # pragma: no cover
-
-            return unavailable
-
-        return _wrap(handler, not_ready_unary, not_ready_stream)
+        return _refuse(handler, grpc.StatusCode.UNAVAILABLE, "the service is not ready (models loading or shutting down)")
 
 
 def status_for(exc: IceError) -> grpc.Status:
