@@ -1,0 +1,72 @@
+"""Generation with a job's learned tokens (ICE_REFERENCE B §4): the published object-level and per-attribute
+prompts, or free prompts, with a DPM-Solver multistep scheduler, seeded per image."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from PIL import Image
+
+from services.learner.artifacts import apply_artifacts
+
+MAX_SEED = 2**64
+
+
+@dataclass(frozen=True)
+class Prompt:
+    text: str
+    concept_id: str = ""
+    attribute: str = ""
+
+
+def _tokens(manifest: dict, concept_id: str, role: str) -> list[dict]:
+    return [t for t in manifest["tokens"] if t["concept_id"] == concept_id and t["role"] == role]
+
+
+def object_level_prompts(manifest: dict, concept_ids: list[str]) -> list[Prompt]:
+    """"a photo of <&i>" followed by the concept's intrinsic tokens, e.g. "a photo of <&0><#0><%0><$0>"."""
+    out = []
+    for cid in concept_ids:
+        tokens = [t["token"] for t in _tokens(manifest, cid, "concept") + _tokens(manifest, cid, "intrinsic")]
+        out.append(Prompt("a photo of " + "".join(tokens), cid))
+    return out
+
+
+def intrinsic_prompts(manifest: dict, concept_ids: list[str]) -> list[Prompt]:
+    """"a {token} {anchor}" per intrinsic anchor (e.g. "a <#0> texture"), then "a <&i>"."""
+    out = []
+    for cid in concept_ids:
+        out += [Prompt(f"a {t['token']} {t['attribute']}", cid, t["attribute"])
+                for t in _tokens(manifest, cid, "intrinsic")]
+        out += [Prompt(f"a {t['token']}", cid) for t in _tokens(manifest, cid, "concept")]
+    return out
+
+
+def load_pipeline(bundle, folder: Path, device: str = "cpu"):
+    """A private pipeline of the bundle with the job's artifacts applied and the DPM-Solver scheduler."""
+    from diffusers import DPMSolverMultistepScheduler, StableDiffusionPipeline
+
+    dtype = torch.bfloat16 if str(device).startswith("cuda") else torch.float32
+    pipe = StableDiffusionPipeline.from_pretrained(
+        str(bundle.root / "diffusion"), safety_checker=None, requires_safety_checker=False,
+        local_files_only=True, use_safetensors=True, dtype=dtype)
+    pipe.set_progress_bar_config(disable=True)
+    pipe.scheduler = DPMSolverMultistepScheduler.from_config(pipe.scheduler.config)
+    pipe.to(device)
+    apply_artifacts(pipe, folder)
+    return pipe
+
+
+def generate(pipe, prompts: list[Prompt], num_images: int, seed: int, steps: int = 50,
+             guidance_scale: float = 7.5) -> Iterator[tuple[Prompt, int, int, Image.Image]]:
+    """(prompt, index, seed, image) for each image; image n of every prompt uses seed + n (mod 2⁶⁴)."""
+    for prompt in prompts:
+        for n in range(num_images):
+            image_seed = (seed + n) % MAX_SEED
+            generator = torch.Generator("cpu").manual_seed(image_seed)
+            image = pipe(prompt.text, num_inference_steps=steps, guidance_scale=guidance_scale,
+                         generator=generator).images[0]
+            yield prompt, n, image_seed, image

@@ -1,0 +1,399 @@
+"""Durable learning jobs: records in SQLite, inputs and checkpoints on disk, one runner thread per replica.
+
+- `submit` queues a job (bounded queue: `ResourceExhausted` when full). A `request_id` seen before returns
+  the first job when the request digest matches, else `Aborted`.
+- One job trains at a time, in submission order. Progress (phase, step, losses) is written to the record
+  after every step; watchers are woken on every change.
+- `cancel` takes effect within one step (at once for a queued job). `stop` (server shutdown) checkpoints the
+  running job and leaves it resumable.
+- On start, jobs that were running when the process died are queued again ahead of the others and resume
+  from their newest valid checkpoint (RNG states included), so they end exactly as an uninterrupted run.
+
+Layout under the store directory: `jobs.sqlite`, `jobs/{id}/input/` (image, masks, spec.json),
+`jobs/{id}/checkpoints/`, `jobs/{id}/artifacts/`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import sqlite3
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+from prometheus_client import Counter, Gauge, Histogram
+
+from services.common.errors import (
+    Aborted,
+    Cancelled,
+    FailedPrecondition,
+    IceError,
+    NotFound,
+    ResourceExhausted,
+)
+from services.common.images import decode_mask, encode_mask
+from services.learner.artifacts import ArtifactFile, write_artifacts
+from services.learner.trainer import (
+    Concept,
+    Interrupted,
+    LearningSpec,
+    Schedule,
+    StepInfo,
+    Trainer,
+    spec_to_json,
+)
+
+log = logging.getLogger("ice.learner.jobs")
+
+QUEUED, RUNNING, SUCCEEDED, FAILED, CANCELLED = "queued", "running", "succeeded", "failed", "cancelled"
+TERMINAL = (SUCCEEDED, FAILED, CANCELLED)
+
+QUEUE_DEPTH = Gauge("ice_learner_queue_depth", "Learning jobs waiting to run.")
+JOB_DURATION = Histogram("ice_learner_job_duration_seconds", "Wall time of a learning job from start to end.",
+                         ("outcome",), buckets=(10, 30, 60, 120, 300, 600, 1200, 1800, 3600, 7200, float("inf")))
+TRAIN_STEPS = Counter("ice_learner_train_steps_total", "Training steps completed.", ("phase",))
+QUEUE_WAIT = Histogram("ice_learner_queue_wait_seconds", "Time a learning job waited in the queue.",
+                       buckets=(0.1, 1, 5, 15, 60, 300, 900, 1800, 3600, float("inf")))
+
+_COLUMNS = ("id", "request_id", "request_digest", "state", "phase", "step", "total_steps", "losses",
+            "create_time", "start_time", "update_time", "end_time", "error_code", "error_message",
+            "cancel_requested", "result", "seq")
+
+
+@dataclass
+class JobRecord:
+    id: str
+    request_id: str
+    request_digest: str
+    state: str
+    total_steps: int
+    create_time: float
+    update_time: float
+    phase: str = ""
+    step: int = 0
+    losses: dict[str, float] = field(default_factory=dict)
+    start_time: float | None = None
+    end_time: float | None = None
+    error_code: str = ""
+    error_message: str = ""
+    cancel_requested: bool = False
+    result: dict | None = None  # {"tokens": [...], "artifacts": [...]} once succeeded
+    seq: int = 0
+
+    @property
+    def done(self) -> bool:
+        return self.state in TERMINAL
+
+
+class JobStore:
+    """The SQLite table of job records (one connection, serialised by a lock)."""
+
+    def __init__(self, path: Path):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self._db = sqlite3.connect(str(path), check_same_thread=False, isolation_level=None)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=FULL")
+        self._db.execute(
+            "CREATE TABLE IF NOT EXISTS jobs (id TEXT PRIMARY KEY, request_id TEXT, request_digest TEXT, "
+            "state TEXT, phase TEXT, step INTEGER, total_steps INTEGER, losses TEXT, create_time REAL, "
+            "start_time REAL, update_time REAL, end_time REAL, error_code TEXT, error_message TEXT, "
+            "cancel_requested INTEGER, result TEXT, seq INTEGER)")
+        self._lock = threading.Lock()
+
+    def put(self, r: JobRecord) -> None:
+        row = (r.id, r.request_id, r.request_digest, r.state, r.phase, r.step, r.total_steps, json.dumps(r.losses),
+               r.create_time, r.start_time, r.update_time, r.end_time, r.error_code, r.error_message,
+               int(r.cancel_requested), json.dumps(r.result) if r.result is not None else None, r.seq)
+        with self._lock:
+            self._db.execute(f"INSERT OR REPLACE INTO jobs ({','.join(_COLUMNS)}) VALUES "
+                             f"({','.join('?' * len(_COLUMNS))})", row)
+
+    def delete(self, job_id: str) -> None:
+        with self._lock:
+            self._db.execute("DELETE FROM jobs WHERE id = ?", (job_id,))
+
+    def all(self) -> list[JobRecord]:
+        with self._lock:
+            rows = self._db.execute(f"SELECT {','.join(_COLUMNS)} FROM jobs ORDER BY seq").fetchall()
+        out = []
+        for row in rows:
+            d = dict(zip(_COLUMNS, row, strict=True))
+            d["losses"] = json.loads(d["losses"] or "{}")
+            d["result"] = json.loads(d["result"]) if d["result"] else None
+            d["cancel_requested"] = bool(d["cancel_requested"])
+            out.append(JobRecord(**d))
+        return out
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+
+# -- a job's inputs on disk --------------------------------------------------------------------------------------
+
+
+def save_inputs(folder: Path, spec: LearningSpec) -> None:
+    tmp = folder.with_name(folder.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    (tmp / "masks").mkdir(parents=True)
+    spec.image.save(tmp / "image.png")
+    for c in spec.concepts:
+        (tmp / "masks" / f"{c.concept_id}.png").write_bytes(encode_mask(c.mask))
+    (tmp / "spec.json").write_text(json.dumps(spec_to_json(spec)), encoding="utf-8")
+    os.replace(tmp, folder)
+
+
+def load_inputs(folder: Path) -> LearningSpec:
+    data = json.loads((folder / "spec.json").read_text(encoding="utf-8"))
+    image = Image.open(folder / "image.png").convert("RGB")
+    concepts = [Concept(c["concept_id"], c["noun"],
+                        np.asarray(decode_mask((folder / "masks" / f"{c['concept_id']}.png").read_bytes())))
+                for c in data["concepts"]]
+    return LearningSpec(image, concepts, list(data["anchors"]), Schedule(**data["schedule"]), data["ablation"],
+                        data["refinement"], int(data["lora_rank"]), int(data["seed"]))
+
+
+# -- the manager -------------------------------------------------------------------------------------------------
+
+
+class JobManager:
+    def __init__(self, root: Path, bundle, *, device: str = "cpu", queue_size: int = 8,
+                 class_images_dir: Path | None = None, class_image_steps: int = 50, resume_jobs: bool = True):
+        self.root = Path(root)
+        self.bundle = bundle
+        self.device = device
+        self.queue_size = queue_size
+        self.class_images_dir = Path(class_images_dir) if class_images_dir else self.root / "class-images"
+        self.class_image_steps = class_image_steps
+        self.store = JobStore(self.root / "jobs.sqlite")
+        self._cond = threading.Condition()
+        self._version = 0
+        self._stopping = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._step_seconds: float | None = None  # moving average over this replica's steps
+        self._jobs: dict[str, JobRecord] = {}
+        for r in self.store.all():
+            if r.state == RUNNING:
+                if resume_jobs:
+                    r = replace(r, state=QUEUED, update_time=time.time())
+                else:
+                    r = replace(r, state=FAILED, error_code="ABORTED", end_time=time.time(),
+                                error_message="interrupted by a server restart (resume_jobs is off)")
+                self.store.put(r)
+            self._jobs[r.id] = r
+        self._seq = max((r.seq for r in self._jobs.values()), default=0)
+        self._update_queue_gauge()
+
+    # -- records ------------------------------------------------------------------------------------------------
+
+    def job_dir(self, job_id: str) -> Path:
+        return self.root / "jobs" / job_id
+
+    def _put(self, record: JobRecord) -> None:
+        """Persist and publish a record (caller holds the condition)."""
+        self.store.put(record)
+        self._jobs[record.id] = record
+        self._version += 1
+        self._update_queue_gauge()
+        self._cond.notify_all()
+
+    def _update_queue_gauge(self) -> None:
+        QUEUE_DEPTH.set(sum(1 for r in self._jobs.values() if r.state == QUEUED))
+
+    def get(self, job_id: str) -> JobRecord:
+        with self._cond:
+            record = self._jobs.get(job_id)
+        if record is None:
+            raise NotFound(f"no learning job {job_id!r}")
+        return record
+
+    def list(self) -> list[JobRecord]:
+        with self._cond:
+            return sorted(self._jobs.values(), key=lambda r: r.seq)
+
+    def queue_position(self, job_id: str) -> int:
+        with self._cond:
+            record = self._jobs[job_id]
+            return sum(1 for r in self._jobs.values() if r.state == QUEUED and r.seq < record.seq)
+
+    def eta_seconds(self, record: JobRecord) -> float | None:
+        """Remaining steps of this job and of everything ahead of it, at this replica's step time."""
+        if record.done or self._step_seconds is None:
+            return None
+        with self._cond:
+            ahead = sum(r.total_steps - r.step for r in self._jobs.values()
+                        if not r.done and r.seq < record.seq)
+        return (ahead + record.total_steps - record.step) * self._step_seconds
+
+    # -- commands -----------------------------------------------------------------------------------------------
+
+    def submit(self, spec: LearningSpec, request_id: str = "", request_digest: str = "") -> JobRecord:
+        with self._cond:
+            if request_id:
+                for r in self._jobs.values():
+                    if r.request_id == request_id:
+                        if r.request_digest != request_digest:
+                            raise Aborted(f"request_id {request_id!r} was already used for a different request")
+                        return r
+            queued = sum(1 for r in self._jobs.values() if r.state == QUEUED)
+            if queued >= self.queue_size:
+                raise ResourceExhausted(f"the learning queue is full ({queued} jobs waiting); retry later")
+            job_id = uuid.uuid4().hex
+            self.job_dir(job_id).mkdir(parents=True)
+            save_inputs(self.job_dir(job_id) / "input", spec)
+            now = time.time()
+            self._seq += 1
+            record = JobRecord(job_id, request_id, request_digest, QUEUED, spec.schedule.total_steps, now, now,
+                               seq=self._seq)
+            self._put(record)
+            return record
+
+    def cancel(self, job_id: str) -> JobRecord:
+        with self._cond:
+            record = self.get(job_id)
+            if record.done:
+                return record
+            now = time.time()
+            if record.state == QUEUED:
+                record = replace(record, state=CANCELLED, cancel_requested=True, end_time=now, update_time=now,
+                                 error_code="CANCELLED", error_message="cancelled while queued")
+            else:
+                record = replace(record, cancel_requested=True, update_time=now)
+            self._put(record)
+            return record
+
+    def delete(self, job_id: str) -> None:
+        with self._cond:
+            record = self.get(job_id)
+            if not record.done:
+                raise FailedPrecondition(f"job {job_id} is {record.state}; cancel it before deleting it")
+            self.store.delete(job_id)
+            del self._jobs[job_id]
+            self._version += 1
+            self._cond.notify_all()
+        shutil.rmtree(self.job_dir(job_id), ignore_errors=True)
+
+    def wait(self, job_id: str, timeout: float | None) -> JobRecord:
+        deadline = None if timeout is None else time.monotonic() + timeout
+        with self._cond:
+            while True:
+                record = self.get(job_id)
+                remaining = None if deadline is None else deadline - time.monotonic()
+                if record.done or (remaining is not None and remaining <= 0):
+                    return record
+                self._cond.wait(remaining if remaining is not None else 1.0)
+
+    def watch(self, job_id: str, is_active: Callable[[], bool] = lambda: True) -> Iterator[JobRecord]:
+        """The current record, then the latest one after each change (coalesced), until it is terminal."""
+        last = None
+        while is_active():
+            with self._cond:
+                record = self.get(job_id)
+                if record is last:
+                    self._cond.wait(0.5)
+                    continue
+            last = record
+            yield record
+            if record.done:
+                return
+
+    # -- the runner ---------------------------------------------------------------------------------------------
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._loop, name="learner-runner", daemon=True)
+        self._thread.start()
+
+    def stop(self, timeout: float = 30.0) -> None:
+        """Stop after the current step; the running job is checkpointed and resumes on the next start."""
+        self._stopping.set()
+        with self._cond:
+            self._cond.notify_all()
+        if self._thread is not None:
+            self._thread.join(timeout)
+
+    def close(self) -> None:
+        self.stop()
+        self.store.close()
+
+    def _next(self) -> JobRecord | None:
+        with self._cond:
+            while not self._stopping.is_set():
+                queued = [r for r in self._jobs.values() if r.state == QUEUED]
+                if queued:
+                    record = min(queued, key=lambda r: r.seq)
+                    now = time.time()
+                    if record.start_time is None:
+                        QUEUE_WAIT.observe(now - record.create_time)
+                    record = replace(record, state=RUNNING, start_time=record.start_time or now, update_time=now)
+                    self._put(record)
+                    return record
+                self._cond.wait(1.0)
+        return None
+
+    def _loop(self) -> None:
+        while (record := self._next()) is not None:
+            self._run(record)
+
+    def _update(self, job_id: str, **changes) -> JobRecord:
+        with self._cond:
+            record = replace(self._jobs[job_id], update_time=time.time(), **changes)
+            self._put(record)
+            return record
+
+    def _run(self, record: JobRecord) -> None:
+        job_id = record.id
+        started = time.time()
+
+        def on_phase(phase: str) -> None:
+            self._update(job_id, phase=phase)
+
+        def on_step(info: StepInfo) -> None:
+            seconds = info.losses.pop("step_seconds", None)
+            if seconds is not None:
+                self._step_seconds = seconds if self._step_seconds is None else 0.9 * self._step_seconds + 0.1 * seconds
+            TRAIN_STEPS.labels(info.phase).inc()
+            current = self._update(job_id, phase=info.phase, step=info.step, losses=info.losses)
+            if current.cancel_requested:
+                raise Cancelled("cancelled by the caller")
+            if self._stopping.is_set():
+                raise Interrupted()
+
+        try:
+            spec = load_inputs(self.job_dir(job_id) / "input")
+            trainer = Trainer(self.bundle, spec, self.job_dir(job_id), device=self.device,
+                              class_images_dir=self.class_images_dir, class_image_steps=self.class_image_steps,
+                              on_step=on_step, on_phase=on_phase)
+            if self.get(job_id).cancel_requested:
+                raise Cancelled("cancelled by the caller")
+            result = trainer.run(resume=True)
+            files = write_artifacts(self.job_dir(job_id) / "artifacts", result, spec, self.bundle.digest)
+            payload = {"tokens": [t.to_json() for t in result.tokens], "artifacts": [asdict(f) for f in files]}
+            shutil.rmtree(self.job_dir(job_id) / "checkpoints", ignore_errors=True)
+            self._finish(job_id, SUCCEEDED, started, result=payload)
+        except Interrupted:
+            log.info("job %s interrupted by shutdown; it resumes on the next start", job_id)
+        except Cancelled as exc:
+            self._finish(job_id, CANCELLED, started, error_code="CANCELLED", error_message=exc.message)
+        except IceError as exc:
+            log.warning("job %s failed: %s", job_id, exc.message)
+            self._finish(job_id, FAILED, started, error_code=exc.code, error_message=exc.message)
+        except Exception:
+            log.exception("job %s failed", job_id)
+            self._finish(job_id, FAILED, started, error_code="INTERNAL",
+                         error_message="training failed with an internal error; see the server log")
+
+    def _finish(self, job_id: str, state: str, started: float, **changes) -> None:
+        JOB_DURATION.labels(state).observe(time.time() - started)
+        self._update(job_id, state=state, end_time=time.time(), **changes)
+
+
+def artifact_files(record: JobRecord) -> list[ArtifactFile]:
+    return [ArtifactFile(**f) for f in (record.result or {}).get("artifacts", [])]

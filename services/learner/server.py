@@ -1,0 +1,429 @@
+"""The learner's gRPC servicers: `ice.learner.v1.LearnerService` and `google.longrunning.Operations`.
+
+Decode and validate requests, hand jobs to `JobManager`, encode records as operations. No training math here.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+import secrets
+import threading
+import uuid
+from dataclasses import dataclass, fields
+
+import grpc
+from google.longrunning import operations_pb2, operations_pb2_grpc
+from google.protobuf import empty_pb2
+from google.rpc import code_pb2, status_pb2
+
+from ice.learner.v1 import learner_pb2, learner_pb2_grpc
+from services.common.bundle import Bundle
+from services.common.errors import FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted
+from services.common.images import (
+    center_crop_box,
+    center_crop_resize,
+    decode_image,
+    decode_mask,
+    encode_png,
+    resize_mask,
+)
+from services.common.interceptors import iter_with_context_check
+from services.common.server import ServiceSpec
+from services.common.service import (
+    bundle_info,
+    compute_dtype,
+    precision_name,
+    resolve_device,
+    server_info,
+    server_version,
+)
+from services.common.settings import LearnerSettings
+from services.learner import generate as G
+from services.learner.artifacts import ArtifactFile, read_manifest
+from services.learner.jobs import CANCELLED, FAILED, QUEUED, SUCCEEDED, JobManager, JobRecord, artifact_files
+from services.learner.tokens import DEFAULT_ANCHORS
+from services.learner.trainer import (
+    FINISHING,
+    INTRINSIC_PHASE,
+    OBJECT_LEVEL,
+    PREPARING,
+    REFINEMENT,
+    Concept,
+    LearningSpec,
+    Schedule,
+)
+
+SERVICE = "ice.learner.v1.LearnerService"
+OPERATIONS = "google.longrunning.Operations"
+CHUNK = 1 << 20
+_CONCEPT_ID = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+_STATE = {QUEUED: learner_pb2.JOB_STATE_QUEUED, "running": learner_pb2.JOB_STATE_RUNNING,
+          SUCCEEDED: learner_pb2.JOB_STATE_SUCCEEDED, FAILED: learner_pb2.JOB_STATE_FAILED,
+          CANCELLED: learner_pb2.JOB_STATE_CANCELLED}
+_PHASE = {"": learner_pb2.PHASE_UNSPECIFIED, PREPARING: learner_pb2.PHASE_PREPARING,
+          OBJECT_LEVEL: learner_pb2.PHASE_OBJECT_LEVEL, INTRINSIC_PHASE: learner_pb2.PHASE_INTRINSIC,
+          REFINEMENT: learner_pb2.PHASE_REFINEMENT, FINISHING: learner_pb2.PHASE_FINISHING}
+_ROLE = {"instance": learner_pb2.TOKEN_ROLE_INSTANCE, "concept": learner_pb2.TOKEN_ROLE_CONCEPT,
+         "intrinsic": learner_pb2.TOKEN_ROLE_INTRINSIC}
+_ABLATION = {learner_pb2.ABLATION_UNSPECIFIED: "none", learner_pb2.ABLATION_NONE: "none",
+             learner_pb2.ABLATION_MASK_ONLY: "mask_only",
+             learner_pb2.ABLATION_WITHOUT_STAGE_TWO: "without_stage_two",
+             learner_pb2.ABLATION_WITHOUT_TEXT_INIT: "without_text_init"}
+_DELTA = {learner_pb2.REFINEMENT_DELTA_UNSPECIFIED: "full", learner_pb2.REFINEMENT_DELTA_FULL: "full",
+          learner_pb2.REFINEMENT_DELTA_LORA: "lora"}
+# Schedule fields: (low, high, low inclusive, high inclusive)
+_RANGES = {
+    "phase1_steps": (1, 10_000, True, True), "phase2_steps": (0, 10_000, True, True),
+    "refinement_steps": (0, 10_000, True, True), "embedding_learning_rate": (0, 1, False, True),
+    "unet_learning_rate": (0, 1, False, True), "checkpoint_every": (0, 10_000, True, True),
+    "num_class_images": (0, 5000, True, True), "prior_loss_weight": (0, 100, True, True),
+    "lambda_attention": (0, 100, True, True), "noise_offset": (0, 1, True, True), "t_dist": (0, 1, True, False),
+    "reg_weight": (0, 100, True, True), "reg_intrinsic_weight": (0, 100, True, True),
+    "pos_neg_margin": (0, 10, True, True),
+}
+
+
+def _in_range(value, low, high, low_inc, high_inc) -> bool:
+    return (value >= low if low_inc else value > low) and (value <= high if high_inc else value < high)
+
+
+def _enum(value: int, mapping: dict, field: str):
+    if value not in mapping:
+        raise InvalidArgument(f"unknown value {value}", field=field)
+    return mapping[value]
+
+
+def job_id_from_name(name: str, field: str = "name") -> str:
+    prefix = "operations/"
+    if not name.startswith(prefix) or not re.fullmatch(r"[0-9a-f]{32}", name[len(prefix):]):
+        raise InvalidArgument(f"expected 'operations/{{job_id}}', got {name!r}", field=field)
+    return name[len(prefix):]
+
+
+def request_digest(request: learner_pb2.CreateLearningJobRequest) -> str:
+    """SHA-256 of the request without its request_id: what a repeated request_id must match."""
+    copy = learner_pb2.CreateLearningJobRequest()
+    copy.CopyFrom(request)
+    copy.request_id = ""
+    return hashlib.sha256(copy.SerializeToString(deterministic=True)).hexdigest()
+
+
+def _token_count(tokenizer, text: str) -> int:
+    return len(tokenizer(text)["input_ids"])
+
+
+def parse_schedule(msg: learner_pb2.Schedule, settings: LearnerSettings, tokenizer) -> Schedule:
+    values = {}
+    defaults = Schedule(checkpoint_every=settings.checkpoint_every)
+    for f in fields(Schedule):
+        if not msg.HasField(f.name):
+            values[f.name] = getattr(defaults, f.name)
+            continue
+        value = getattr(msg, f.name)
+        if f.name in _RANGES and not _in_range(value, *_RANGES[f.name]):
+            low, high, li, hi = _RANGES[f.name]
+            raise InvalidArgument(f"{value} is outside {'[' if li else '('}{low}, {high}{']' if hi else ')'}",
+                                  field=f"schedule.{f.name}")
+        values[f.name] = value
+    if _token_count(tokenizer, values["class_prompt"]) > tokenizer.model_max_length:
+        raise InvalidArgument(f"longer than {tokenizer.model_max_length} tokens", field="schedule.class_prompt")
+    return Schedule(**values)
+
+
+def parse_request(request: learner_pb2.CreateLearningJobRequest, bundle, settings: LearnerSettings) -> LearningSpec:
+    """The request as a `LearningSpec` on the training square; InvalidArgument naming the field otherwise."""
+    if request.request_id:
+        try:
+            uuid.UUID(request.request_id)
+        except ValueError:
+            raise InvalidArgument("must be a UUID", field="request_id") from None
+    ablation = _enum(request.ablation, _ABLATION, "ablation")
+    delta = _enum(request.refinement_delta, _DELTA, "refinement_delta")
+    lora_rank = 4
+    if request.HasField("lora_rank"):
+        if delta != "lora":
+            raise InvalidArgument("only allowed with REFINEMENT_DELTA_LORA", field="lora_rank")
+        if not 1 <= request.lora_rank <= 128:
+            raise InvalidArgument(f"{request.lora_rank} is outside [1, 128]", field="lora_rank")
+        lora_rank = request.lora_rank
+    if not request.concepts:
+        raise InvalidArgument("at least one concept is required", field="concepts")
+    if len(request.concepts) > settings.max_concepts:
+        raise ResourceExhausted(f"{len(request.concepts)} concepts exceed the limit of {settings.max_concepts}",
+                                field="concepts")
+    tokenizer = bundle.tokenizer()
+    schedule = parse_schedule(request.schedule, settings, tokenizer)
+    if schedule.for_ablation(ablation).total_steps > settings.max_total_steps:
+        raise InvalidArgument(f"{schedule.total_steps} steps in all exceed the server's limit of "
+                              f"{settings.max_total_steps}", field="schedule")
+    anchors = [a.strip() for a in request.intrinsic_anchors] or list(DEFAULT_ANCHORS)
+    if not 1 <= len(anchors) <= 4 or any(not a for a in anchors) or len(set(anchors)) != len(anchors):
+        raise InvalidArgument("1 to 4 distinct, non-empty words", field="intrinsic_anchors")
+
+    image = decode_image(request.image, "image")
+    width, height = image.size
+    size = bundle.image_size
+    box = center_crop_box(width, height)
+    concepts, seen = [], set()
+    for i, c in enumerate(request.concepts):
+        cid = c.concept_id if c.HasField("concept_id") else f"c{i}"
+        if not _CONCEPT_ID.match(cid) or cid in seen:
+            raise InvalidArgument("at most 64 characters from [A-Za-z0-9_-], unique in the request",
+                                  field=f"concepts[{i}].concept_id")
+        seen.add(cid)
+        noun = c.noun.strip()
+        if not noun and ablation != "mask_only":
+            raise InvalidArgument("a noun is required", field=f"concepts[{i}].noun")
+        if noun and not tokenizer(noun, add_special_tokens=False)["input_ids"]:
+            raise InvalidArgument("has no token", field=f"concepts[{i}].noun")
+        mask = decode_mask(c.mask, f"concepts[{i}].mask", expected_size=(width, height))
+        if not mask.any():
+            raise InvalidArgument("has no pixel inside", field=f"concepts[{i}].mask")
+        left, top, right, bottom = box
+        square = resize_mask(mask[top:bottom, left:right], (size, size))
+        if not square.any():
+            raise InvalidArgument("has no pixel inside the centre square used for training",
+                                  field=f"concepts[{i}].mask")
+        concepts.append(Concept(cid, noun, square))
+    seed = request.seed if request.HasField("seed") else secrets.randbits(63)
+    return LearningSpec(center_crop_resize(image, size), concepts, anchors, schedule, ablation, delta, lora_rank, seed)
+
+
+# -- encoding records ----------------------------------------------------------------------------------------------
+
+
+def _timestamp(field, value: float | None) -> None:
+    if value is not None:
+        field.FromNanoseconds(int(value * 1e9))
+
+
+def job_metadata(manager: JobManager, r: JobRecord) -> learner_pb2.LearningJobMetadata:
+    percent = 100.0 if r.state == SUCCEEDED else min(99.9, 100.0 * r.step / max(r.total_steps, 1))
+    md = learner_pb2.LearningJobMetadata(
+        job_id=r.id, state=_STATE[r.state], phase=_PHASE.get(r.phase, learner_pb2.PHASE_UNSPECIFIED),
+        step=r.step, total_steps=r.total_steps, percent=percent, losses=r.losses,
+        queue_position=manager.queue_position(r.id) if r.state == QUEUED else 0,
+        cancel_requested=r.cancel_requested)
+    for name in ("create_time", "start_time", "update_time", "end_time"):
+        _timestamp(getattr(md, name), getattr(r, name))
+    eta = manager.eta_seconds(r)
+    if eta is not None:
+        md.eta_seconds = eta
+    return md
+
+
+def job_result(r: JobRecord, bundle_info) -> learner_pb2.LearningJobResult:
+    order = {"instance": 0, "concept": 1, "intrinsic": 2}
+    rows = sorted(enumerate(r.result["tokens"]), key=lambda it: (it[1]["concept_index"], order[it[1]["role"]], it[0]))
+    tokens = [learner_pb2.LearnedToken(token=t["token"], role=_ROLE[t["role"]], concept_id=t["concept_id"],
+                                       noun=t["noun"], attribute=t["attribute"]) for _, t in rows]
+    files = [learner_pb2.ArtifactFile(name=f.name, size_bytes=f.size_bytes, sha256=f.sha256)
+             for f in artifact_files(r)]
+    return learner_pb2.LearningJobResult(job_id=r.id, tokens=tokens, artifacts=files, bundle=bundle_info)
+
+
+def job_error(r: JobRecord) -> status_pb2.Status:
+    return status_pb2.Status(code=getattr(code_pb2, r.error_code or "UNKNOWN", code_pb2.UNKNOWN),
+                             message=r.error_message)
+
+
+@dataclass
+class LearnerState:
+    settings: LearnerSettings
+    bundle: Bundle | None = None
+    manager: JobManager | None = None
+    device: str = "cpu"
+    precision: str = "fp32"
+
+    def operation(self, r: JobRecord) -> operations_pb2.Operation:
+        op = operations_pb2.Operation(name=f"operations/{r.id}", done=r.done)
+        op.metadata.Pack(job_metadata(self.manager, r))
+        if r.state == SUCCEEDED:
+            op.response.Pack(job_result(r, self.bundle_info()))
+        elif r.done:
+            op.error.CopyFrom(job_error(r))
+        return op
+
+    def bundle_info(self):
+        return bundle_info(self.bundle, self.precision)
+
+    def succeeded(self, name: str) -> JobRecord:
+        r = self.manager.get(job_id_from_name(name))
+        if r.state != SUCCEEDED:
+            raise FailedPrecondition(f"job {r.id} is {r.state}, not succeeded")
+        return r
+
+
+class LearnerServicer(learner_pb2_grpc.LearnerServiceServicer):
+    def __init__(self, state: LearnerState):
+        self.state = state
+        self._pipe_lock = threading.Lock()
+        self._pipe: tuple[str, object] | None = None  # the last job's generation pipeline
+
+    def CreateLearningJob(self, request, context):
+        s = self.state
+        spec = parse_request(request, s.bundle, s.settings)
+        record = s.manager.submit(spec, request.request_id, request_digest(request))
+        return s.operation(record)
+
+    def WatchLearningJob(self, request, context):
+        s = self.state
+        job_id = job_id_from_name(request.name)
+        s.manager.get(job_id)
+        for r in s.manager.watch(job_id, context.is_active):
+            msg = learner_pb2.WatchLearningJobResponse(metadata=job_metadata(s.manager, r), done=r.done)
+            if r.state == SUCCEEDED:
+                msg.response.CopyFrom(job_result(r, s.bundle_info()))
+            elif r.done:
+                msg.error.CopyFrom(job_error(r))
+            yield msg
+
+    def GetArtifacts(self, request, context):
+        r = self.state.succeeded(request.name)
+        files: dict[str, ArtifactFile] = {f.name: f for f in artifact_files(r)}
+        names = list(request.files) or list(files)
+        for n in names:
+            if n not in files:
+                raise NotFound(f"job {r.id} has no artifact {n!r}")
+        folder = self.state.manager.job_dir(r.id) / "artifacts"
+        return iter_with_context_check(self._chunks(folder, [files[n] for n in names]), context)
+
+    @staticmethod
+    def _chunks(folder, files: list[ArtifactFile]):
+        for f in files:
+            with open(folder / f.name, "rb") as fh:
+                offset = 0
+                while True:
+                    chunk = fh.read(CHUNK)
+                    last = offset + len(chunk) >= f.size_bytes
+                    yield learner_pb2.GetArtifactsResponse(file_name=f.name, offset=offset, chunk=chunk,
+                                                           last_chunk=last, sha256=f.sha256 if last else "",
+                                                           size_bytes=f.size_bytes)
+                    offset += len(chunk)
+                    if last:
+                        break
+
+    def _pipeline(self, job_id: str):
+        if self._pipe is None or self._pipe[0] != job_id:
+            folder = self.state.manager.job_dir(job_id) / "artifacts"
+            self._pipe = (job_id, G.load_pipeline(self.state.bundle, folder, self.state.device))
+        return self._pipe[1]
+
+    def Generate(self, request, context):
+        s = self.state
+        r = s.succeeded(request.name)
+        kind = request.kind or (learner_pb2.PROMPT_KIND_FREE if request.prompts else learner_pb2.PROMPT_KIND_OBJECT_LEVEL)
+        if kind not in learner_pb2.PromptKind.values():
+            raise InvalidArgument(f"unknown value {kind}", field="kind")
+        if kind == learner_pb2.PROMPT_KIND_FREE and not request.prompts:
+            raise InvalidArgument("PROMPT_KIND_FREE needs at least one prompt", field="prompts")
+        if kind != learner_pb2.PROMPT_KIND_FREE and request.prompts:
+            raise InvalidArgument("must be empty unless kind is PROMPT_KIND_FREE", field="prompts")
+        if len(request.prompts) > 16:
+            raise InvalidArgument("at most 16 prompts", field="prompts")
+        num_images = request.num_images if request.HasField("num_images") else 8
+        steps = request.num_inference_steps if request.HasField("num_inference_steps") else 50
+        guidance = request.guidance_scale if request.HasField("guidance_scale") else 7.5
+        for value, low, high, name in ((num_images, 1, 64, "num_images"), (steps, 1, 200, "num_inference_steps"),
+                                       (guidance, 0, 50, "guidance_scale")):
+            if not low <= value <= high:
+                raise InvalidArgument(f"{value} is outside [{low}, {high}]", field=name)
+        seed = request.seed if request.HasField("seed") else secrets.randbits(63)
+        token_ids = {t["concept_id"] for t in r.result["tokens"]}
+        concept_ids = list(request.concept_ids) or list(dict.fromkeys(t["concept_id"] for t in r.result["tokens"]))
+        for cid in concept_ids:
+            if cid not in token_ids:
+                raise InvalidArgument(f"job {r.id} has no concept {cid!r}", field="concept_ids")
+        with self._pipe_lock:
+            pipe = self._pipeline(r.id)
+            for i, p in enumerate(request.prompts):
+                if _token_count(pipe.tokenizer, p) > pipe.tokenizer.model_max_length:
+                    raise InvalidArgument(f"longer than {pipe.tokenizer.model_max_length} tokens",
+                                          field=f"prompts[{i}]")
+            manifest = read_manifest(s.manager.job_dir(r.id) / "artifacts")
+            if kind == learner_pb2.PROMPT_KIND_FREE:
+                prompts = [G.Prompt(p) for p in request.prompts]
+            elif kind == learner_pb2.PROMPT_KIND_OBJECT_LEVEL:
+                prompts = G.object_level_prompts(manifest, concept_ids)
+            else:
+                prompts = G.intrinsic_prompts(manifest, concept_ids)
+            for prompt, index, image_seed, image in G.generate(pipe, prompts, num_images, seed, steps, guidance):
+                if not context.is_active():
+                    return
+                yield learner_pb2.GenerateResponse(prompt=prompt.text, index=index, image=encode_png(image),
+                                                   concept_id=prompt.concept_id, attribute=prompt.attribute,
+                                                   seed=image_seed)
+
+    def GetServerInfo(self, request, context):
+        s = self.state
+        return learner_pb2.GetServerInfoResponse(info=server_info(SERVICE, s.bundle, s.settings, s.device, s.precision))
+
+
+class OperationsServicer(operations_pb2_grpc.OperationsServicer):
+    """The standard long-running operations API over the learner's jobs."""
+
+    def __init__(self, state: LearnerState):
+        self.state = state
+
+    def GetOperation(self, request, context):
+        return self.state.operation(self.state.manager.get(job_id_from_name(request.name)))
+
+    def ListOperations(self, request, context):
+        if request.filter:
+            raise InvalidArgument("filters are not supported; leave it empty", field="filter")
+        if request.name not in ("", "operations"):
+            raise InvalidArgument("must be 'operations' or empty", field="name")
+        try:
+            offset = int(request.page_token or 0)
+        except ValueError:
+            raise InvalidArgument("not a page token from this server", field="page_token") from None
+        if request.page_size < 0:
+            raise InvalidArgument("must not be negative", field="page_size")
+        size = min(request.page_size or 50, 1000)
+        records = self.state.manager.list()
+        page = records[offset : offset + size]
+        more = offset + size < len(records)
+        return operations_pb2.ListOperationsResponse(operations=[self.state.operation(r) for r in page],
+                                                     next_page_token=str(offset + size) if more else "")
+
+    def CancelOperation(self, request, context):
+        self.state.manager.cancel(job_id_from_name(request.name))
+        return empty_pb2.Empty()
+
+    def DeleteOperation(self, request, context):
+        self.state.manager.delete(job_id_from_name(request.name))
+        return empty_pb2.Empty()
+
+    def WaitOperation(self, request, context):
+        job_id = job_id_from_name(request.name)
+        timeout = request.timeout.ToTimedelta().total_seconds() if request.HasField("timeout") else 60.0
+        remaining = context.time_remaining()
+        if remaining is not None:
+            timeout = min(timeout, max(remaining - 0.1, 0.0))
+        return self.state.operation(self.state.manager.wait(job_id, timeout))
+
+
+def build_spec(settings: LearnerSettings) -> ServiceSpec:
+    state = LearnerState(settings)
+
+    def register(server: grpc.Server) -> None:
+        learner_pb2_grpc.add_LearnerServiceServicer_to_server(LearnerServicer(state), server)
+        operations_pb2_grpc.add_OperationsServicer_to_server(OperationsServicer(state), server)
+
+    def load() -> None:
+        state.device = resolve_device(settings.device)
+        state.precision = precision_name(compute_dtype(state.device))
+        state.bundle = Bundle.open(settings.bundle, verify_hashes=settings.verify_bundle_hashes)
+        state.manager = JobManager(settings.job_store, state.bundle, device=state.device,
+                                   queue_size=settings.queue_size, class_images_dir=settings.class_images_dir,
+                                   class_image_steps=settings.class_image_steps, resume_jobs=settings.resume_jobs)
+        state.manager.start()
+
+    def on_shutdown() -> None:
+        if state.manager is not None:
+            state.manager.close()
+
+    return ServiceSpec(name="learner", service_names=[SERVICE, OPERATIONS], register=register, load=load,
+                       on_shutdown=on_shutdown, version=server_version(),
+                       bundle_digest=lambda: state.bundle.digest if state.bundle else "")
