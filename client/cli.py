@@ -111,6 +111,7 @@ def _localize_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--remaining-fraction-threshold", type=float)
     g.add_argument("--l1-penalty", type=float)
     g.add_argument("--min-area-fraction", type=float)
+    g.add_argument("--merge-threshold", type=float, help="DiffSeg KL merge threshold (default 1.1)")
     g.add_argument("--localize-seed", type=int)
 
 
@@ -141,7 +142,8 @@ def _localize_options(a):
 
     return LocalizeOptions(max_concepts=a.max_concepts, max_rounds=a.max_rounds,
                            remaining_fraction_threshold=a.remaining_fraction_threshold, l1_penalty=a.l1_penalty,
-                           min_area_fraction=a.min_area_fraction, seed=a.localize_seed)
+                           min_area_fraction=a.min_area_fraction, merge_threshold=a.merge_threshold,
+                           seed=a.localize_seed)
 
 
 def _schedule(a):

@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import argparse
 import io
+import json
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 from client.devservers import DevServices, ServicesFailed
@@ -66,6 +68,10 @@ def main(argv: list[str] | None = None) -> int:
     except UsageError as exc:
         print(f"demo: {exc}", file=sys.stderr)
         return 2
+    options = DEMO
+    if json.loads((a.bundle / "bundle.json").read_text()).get("kind") == "tiny":
+        # random attention maps merge into few segments at the published threshold: merge less
+        options = replace(DEMO, localize=replace(DEMO.localize, merge_threshold=0.0008, min_area_fraction=0.0))
     started = time.perf_counter()
     services = DevServices(a.bundle, log_dir=out / "logs", job_store=out / "jobs")
     print(f"demo: starting the localizer, learner and evaluator on loopback (logs in {out / 'logs'}) ...",
@@ -80,7 +86,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"demo: extracting the concepts of scikit-image's `{a.photo}` photo "
                   f"(schedule {DEMO.schedule.phase1_steps}/{DEMO.schedule.phase2_steps}/"
                   f"{DEMO.schedule.refinement_steps} steps)", flush=True)
-            extraction = ice.extract(image, out_dir=out / a.photo, options=DEMO, progress=True)
+            extraction = ice.extract(image, out_dir=out / a.photo, options=options, progress=True)
     except ServicesFailed as exc:
         print(f"demo: the services did not start: {exc}", file=sys.stderr)
         return 1

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from client.errors import IceClientError, JobFailed
-from client.options import ExtractOptions, GenerateOptions, LocalizeOptions, Schedule
+from client.options import ExtractOptions, GenerateOptions, LocalizeOptions
 from client.types import (
     ArtifactFile,
     Concept,
@@ -102,24 +102,14 @@ class LocalIce:
 
     # --- learn ---------------------------------------------------------------------------------------------
     def _spec(self, image: bytes, concepts: Sequence[Concept], options: ExtractOptions):
-        """The job's inputs on the training square: the largest centred square, resized to the bundle's size."""
-        from services.common.images import center_crop_box, center_crop_resize, decode_image, resize_mask
-        from services.learner import trainer
+        """The job's inputs, decoded and checked by the learner's own request parser (as the service does)."""
+        from client.sdk import learning_request
+        from services.common.settings import LearnerSettings
+        from services.learner.server import parse_request
 
-        size = self.bundle.image_size
-        img = decode_image(image, "image")
-        box = center_crop_box(*img.size)
-        square = center_crop_resize(img, size)
-        items = []
-        for c in concepts:
-            mask = c.mask()[box[1]:box[3], box[0]:box[2]]
-            items.append(trainer.Concept(c.concept_id, c.noun, resize_mask(mask, (size, size))))
-        schedule = dataclasses.replace(trainer.Schedule(), **(options.schedule or Schedule()).set_fields())
-        seed = options.seed if options.seed is not None else int.from_bytes(os.urandom(4), "little")
-        spec = trainer.LearningSpec(image=square, concepts=items, schedule=schedule, seed=seed)
-        if options.anchors:
-            spec.anchors = list(options.anchors)
-        return spec
+        request = learning_request(image, concepts, anchors=options.anchors, schedule=options.schedule,
+                                   seed=options.seed)
+        return parse_request(request, self.bundle, LearnerSettings())
 
     @_domain_errors
     def learn(self, image: bytes, concepts: Sequence[Concept], options: ExtractOptions,

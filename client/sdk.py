@@ -269,27 +269,9 @@ class IceClient:
 
         A `request_id` (a fresh UUID unless given) makes the call safe to retry: a repeat returns the same job.
         """
-        inputs = []
-        for i, c in enumerate(concepts):
-            if isinstance(c, Concept):
-                inputs.append(learner_pb2.ConceptInput(noun=c.noun, mask=c.mask_png, concept_id=c.concept_id))
-            else:
-                noun, mask = c
-                inputs.append(learner_pb2.ConceptInput(noun=noun, mask=mask_png(mask), concept_id=f"c{i}"))
-        request = learner_pb2.CreateLearningJobRequest(
-            image=image_bytes(image),
-            concepts=inputs,
-            intrinsic_anchors=list(anchors),
-            schedule=learner_pb2.Schedule(**(schedule or Schedule()).set_fields()),
-            ablation=_enum_value(learner_pb2.Ablation, ablation, "ABLATION_", "ablation"),
-            refinement_delta=_enum_value(learner_pb2.RefinementDelta, refinement_delta, "REFINEMENT_DELTA_",
-                                         "refinement delta"),
-            request_id=request_id or str(uuid.uuid4()),
-        )
-        if lora_rank is not None:
-            request.lora_rank = lora_rank
-        if seed is not None:
-            request.seed = seed
+        request = learning_request(image, concepts, anchors=anchors, schedule=schedule, ablation=ablation,
+                                   refinement_delta=refinement_delta, lora_rank=lora_rank, seed=seed,
+                                   request_id=request_id or str(uuid.uuid4()))
         op = self._call("learner", self._learner.CreateLearningJob, request)
         return Job(op.name)
 
@@ -472,6 +454,43 @@ class IceClient:
 
     def cancel_job(self, job_id: str) -> None:
         self.cancel(job_id)
+
+
+def learning_request(
+    image: Any,
+    concepts: Sequence[Concept] | Sequence[tuple[str, Any]],
+    *,
+    anchors: Sequence[str] = (),
+    schedule: Schedule | None = None,
+    ablation: str | None = None,
+    refinement_delta: str | None = None,
+    lora_rank: int | None = None,
+    seed: int | None = None,
+    request_id: str = "",
+) -> learner_pb2.CreateLearningJobRequest:
+    """The CreateLearningJob request (also what `LocalIce` hands the learner's own request parser)."""
+    inputs = []
+    for i, c in enumerate(concepts):
+        if isinstance(c, Concept):
+            inputs.append(learner_pb2.ConceptInput(noun=c.noun, mask=c.mask_png, concept_id=c.concept_id))
+        else:
+            noun, mask = c
+            inputs.append(learner_pb2.ConceptInput(noun=noun, mask=mask_png(mask), concept_id=f"c{i}"))
+    request = learner_pb2.CreateLearningJobRequest(
+        image=image_bytes(image),
+        concepts=inputs,
+        intrinsic_anchors=list(anchors),
+        schedule=learner_pb2.Schedule(**(schedule or Schedule()).set_fields()),
+        ablation=_enum_value(learner_pb2.Ablation, ablation, "ABLATION_", "ablation"),
+        refinement_delta=_enum_value(learner_pb2.RefinementDelta, refinement_delta, "REFINEMENT_DELTA_",
+                                     "refinement delta"),
+        request_id=request_id,
+    )
+    if lora_rank is not None:
+        request.lora_rank = lora_rank
+    if seed is not None:
+        request.seed = seed
+    return request
 
 
 def _replace(obj, **changes):

@@ -20,12 +20,14 @@ from client.cli import main
 
 REPO = Path(__file__).resolve().parent.parent
 SHORT = ExtractOptions(
-    localize=LocalizeOptions(max_concepts=2, max_rounds=2),
+    # the tiny bundle's random attention needs a small merge threshold to give the noun segments
+    localize=LocalizeOptions(max_concepts=2, max_rounds=2, merge_threshold=0.0008, min_area_fraction=0.0),
     schedule=Schedule(phase1_steps=2, phase2_steps=2, refinement_steps=1, num_class_images=2, checkpoint_every=0),
     generate=GenerateOptions(num_images=1, num_inference_steps=2, seed=0),
     seed=0,
 )
-SHORT_FLAGS = ["--max-concepts", "2", "--max-rounds", "2", "--quick", "--num-images", "1", "--inference-steps", "2",
+SHORT_FLAGS = ["--max-concepts", "2", "--max-rounds", "2", "--merge-threshold", "0.0008", "--min-area-fraction", "0",
+               "--quick", "--num-images", "1", "--inference-steps", "2",
                "--generate-seed", "0", "--seed", "0"]
 
 
