@@ -58,25 +58,27 @@ def _rpc_type(handler: grpc.RpcMethodHandler) -> str:
     return "unary"
 
 
-def _wrap(handler: grpc.RpcMethodHandler | None, wrap_unary: Callable, wrap_stream: Callable):
+def _wrap(handler: grpc.RpcMethodHandler | None, wrap_unary: Callable, wrap_stream: Callable,
+          request_deserializer: Callable | None = None):
     """Return a copy of `handler` whose behaviour is wrapped; unary-response and streaming-response
     behaviours need different wrappers (a value vs a generator)."""
     if handler is None:
         return None
+    deserializer = request_deserializer or handler.request_deserializer
     if handler.unary_unary:
         return grpc.unary_unary_rpc_method_handler(
-            wrap_unary(handler.unary_unary), handler.request_deserializer, handler.response_serializer
+            wrap_unary(handler.unary_unary), deserializer, handler.response_serializer
         )
     if handler.unary_stream:
         return grpc.unary_stream_rpc_method_handler(
-            wrap_stream(handler.unary_stream), handler.request_deserializer, handler.response_serializer
+            wrap_stream(handler.unary_stream), deserializer, handler.response_serializer
         )
     if handler.stream_unary:
         return grpc.stream_unary_rpc_method_handler(
-            wrap_unary(handler.stream_unary), handler.request_deserializer, handler.response_serializer
+            wrap_unary(handler.stream_unary), deserializer, handler.response_serializer
         )
     return grpc.stream_stream_rpc_method_handler(
-        wrap_stream(handler.stream_stream), handler.request_deserializer, handler.response_serializer
+        wrap_stream(handler.stream_stream), deserializer, handler.response_serializer
     )
 
 
@@ -250,10 +252,18 @@ class ErrorInterceptor(grpc.ServerInterceptor):
             except Exception:
                 return False
 
+        streaming = handler is not None and handler.request_streaming
+
+        def parsed(request):
+            """Raise InvalidArgument for a message that did not parse (see `_tolerant`), also inside streams."""
+            if streaming:
+                return (_parsed_or_raise(item) for item in request)
+            return _parsed_or_raise(request)
+
         def wrap_unary(behaviour):
             def wrapped(request, context):
                 try:
-                    return behaviour(request, context)
+                    return behaviour(parsed(request), context)
                 except Exception as exc:
                     if is_abort(exc, context):
                         raise
@@ -264,7 +274,7 @@ class ErrorInterceptor(grpc.ServerInterceptor):
         def wrap_stream(behaviour):
             def wrapped(request, context):
                 try:
-                    yield from behaviour(request, context)
+                    yield from behaviour(parsed(request), context)
                 except Exception as exc:
                     if is_abort(exc, context):
                         raise
@@ -272,7 +282,39 @@ class ErrorInterceptor(grpc.ServerInterceptor):
 
             return wrapped
 
-        return _wrap(handler, wrap_unary, wrap_stream)
+        deserializer = _tolerant(handler.request_deserializer) if handler is not None else None
+        return _wrap(handler, wrap_unary, wrap_stream, deserializer)
+
+
+class _Unparsed:
+    """Stands in for a request message whose bytes did not parse, so that the caller gets INVALID_ARGUMENT
+    (gRPC itself would answer INTERNAL "Exception deserializing request!")."""
+
+    def __init__(self, type_name: str, error: Exception):
+        self.type_name = type_name
+        self.error = error
+
+
+def _tolerant(deserializer: Callable | None) -> Callable | None:
+    if deserializer is None:
+        return None
+    message_type = getattr(deserializer, "__self__", None)
+    type_name = getattr(getattr(message_type, "DESCRIPTOR", None), "full_name", "the request message")
+
+    def deserialize(data: bytes):
+        try:
+            return deserializer(data)
+        except Exception as exc:  # DecodeError: e.g. invalid UTF-8 in a string field, or not protobuf at all
+            return _Unparsed(type_name, exc)
+
+    return deserialize
+
+
+def _parsed_or_raise(request):
+    if isinstance(request, _Unparsed):
+        raise InvalidArgument(f"the request does not parse as {request.type_name} (a string field that is not "
+                              "valid UTF-8, or bytes that are not this protobuf message)")
+    return request
 
 
 def iter_with_context_check(items: Iterator, context: grpc.ServicerContext) -> Iterator:
