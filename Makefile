@@ -48,13 +48,16 @@ $(BUNDLE)/bundle.json: $(STAMPS)/install $(wildcard services/common/*bundle*.py 
 bundle: $(BUNDLE)/bundle.json  ## build the tiny bundle into build/tiny-bundle
 	$(VENV)/bin/ice-bundle verify $(BUNDLE)
 
-demo: bundle  ## install, build and verify the tiny bundle (the services' demo comes with them)
-	@echo
-	@echo "demo: the tiny bundle is built and verified in $(BUNDLE)."
-	@echo "demo: the localizer, learner and evaluator services are not part of this build yet, so the demo"
-	@echo "      stops here; it will start them on loopback and run an extraction once they exist."
+demo: bundle  ## start the three services on loopback, extract concepts from a real photo, write a report
+	$(PY) -m client.demo --bundle $(BUNDLE) --out build/demo
 
-test: $(STAMPS)/install k8s-validate  ## run the whole test suite
+# the report tests render HTML in headless Chromium (Debian's package)
+$(STAMPS)/chromium:
+	@mkdir -p $(STAMPS)
+	command -v chromium >/dev/null 2>&1 || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; }
+	@touch $@
+
+test: $(STAMPS)/install $(STAMPS)/chromium k8s-validate  ## run the whole test suite
 	$(PY) -m pytest -q
 
 k8s-validate: $(STAMPS)/install  ## render every k8s overlay and Job; validate with kubernetes-validate --strict
