@@ -40,9 +40,12 @@ def lasso_objective(dictionary: torch.Tensor, z: torch.Tensor, w: torch.Tensor, 
 
 
 def _restricted_qp(q: torch.Tensor, b: torch.Tensor, w: torch.Tensor, tol: float, max_steps: int) -> torch.Tensor:
-    """Lawson–Hanson for min ½wᵀQw − bᵀw, w ≥ 0 (Q small, PSD), from the feasible point `w`."""
+    """Lawson–Hanson for min ½wᵀQw − bᵀw, w ≥ 0 (Q small, PSD), from the feasible point `w`.
+
+    Every coordinate starts passive (those at zero too), so a whole block of new words is solved for at once;
+    the step-back then drops the ones that would turn negative. Single additions are only the fallback."""
     w = w.clone()
-    passive = w > 0
+    passive = torch.ones_like(w, dtype=torch.bool)
     for _ in range(max_steps):
         idx = passive.nonzero().squeeze(1)
         while idx.numel():
@@ -58,10 +61,13 @@ def _restricted_qp(q: torch.Tensor, b: torch.Tensor, w: torch.Tensor, tol: float
             neg = s <= 0
             alpha = (wi[neg] / (wi[neg] - s[neg])).min()
             wi = wi + alpha * (s - wi)
-            wi[wi <= 1e-15] = 0.0
+            leaving = neg & (wi <= 1e-15)  # those the step brought to the boundary and that keep going down
+            leaving |= wi <= 0
+            wi = wi.clamp_min(0.0)
+            wi[leaving] = 0.0
             w.zero_()
             w[idx] = wi
-            passive = w > 0
+            passive[idx[leaving]] = False
             idx = passive.nonzero().squeeze(1)
         g = q @ w - b
         g[passive] = 0.0
@@ -92,28 +98,29 @@ class NonNegLasso:
         n, v = zb.shape[0], c.shape[0]
         b = 2.0 * (zb @ c.T) - l1_penalty  # [B, V]; also minus the gradient at w = 0
         w = torch.zeros(n, v, dtype=torch.float64, device=c.device)
+        residual = -zb.clone()  # Cᵀw − z, kept per row from the support only
         grad = -b
         work = [torch.empty(0, dtype=torch.long, device=c.device) for _ in range(n)]
         todo = list(range(n))
         passes = 1
         while todo and passes <= self.max_passes:
             for i in todo:
-                support = w[i].nonzero().squeeze(1)
                 violating = (grad[i] < -self.tol).nonzero().squeeze(1)
-                grow = max(self.working_set, support.numel())
+                grow = max(self.working_set, work[i].numel())
                 if violating.numel() > grow:
                     violating = violating[torch.topk(-grad[i, violating], grow).indices]
-                idx = torch.unique(torch.cat([work[i], support, violating]))
+                idx = torch.unique(torch.cat([work[i], violating]))
                 cw = c[idx]
-                qw = 2.0 * (cw @ cw.T)
-                w[i, idx] = _restricted_qp(qw, b[i, idx], w[i, idx], self.tol, max_steps=4 * idx.numel() + 10)
+                wi = _restricted_qp(2.0 * (cw @ cw.T), b[i, idx], w[i, idx], self.tol, 4 * idx.numel() + 10)
+                w[i, idx] = wi
                 # Keep only the words that ended up in the support: the working set stays small.
-                work[i] = idx[w[i, idx] > 0]
+                work[i] = idx[wi > 0]
+                residual[i] = wi[wi > 0] @ cw[wi > 0] - zb[i]
             rows = torch.tensor(todo, device=c.device)
-            grad[rows] = 2.0 * ((w[rows] @ c - zb[rows]) @ c.T) + l1_penalty  # one GEMM over the dictionary
+            grad[rows] = 2.0 * (residual[rows] @ c.T) + l1_penalty  # one GEMM over the dictionary
             passes += 1
             todo = [i for i in todo if bool((grad[i][w[i] == 0] < -self.tol).any())]
-        objective = lasso_objective(c, zb, w, l1_penalty)
+        objective = (residual * residual).sum(-1) + l1_penalty * w.sum(-1)
         weights = w.float()
         if squeeze:
             weights, objective = weights[0], objective[0]
