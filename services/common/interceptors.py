@@ -213,16 +213,25 @@ class ReadinessInterceptor(grpc.ServerInterceptor):
         return _refuse(handler, grpc.StatusCode.UNAVAILABLE, "the service is not ready (models loading or shutting down)")
 
 
+# A status travels in HTTP/2 trailers, and clients drop trailers above 16 KiB by default ("Stream removed"): a
+# message that quotes the caller's input (a 200 000-character file name) must be clipped to stay readable.
+MAX_STATUS_TEXT = 1024
+
+
+def _clip(text: str) -> str:
+    return text if len(text) <= MAX_STATUS_TEXT else f"{text[:MAX_STATUS_TEXT]}... ({len(text)} characters)"
+
+
 def status_for(exc: IceError) -> grpc.Status:
     """A rich gRPC status for a domain error: code, message, and BadRequest field violations."""
     code = getattr(code_pb2, exc.code, code_pb2.INTERNAL)
-    status = status_pb2.Status(code=code, message=exc.message)
+    status = status_pb2.Status(code=code, message=_clip(exc.message))
     if isinstance(exc, InvalidArgument) and exc.violations:
         detail = any_pb2.Any()
         detail.Pack(
             error_details_pb2.BadRequest(
                 field_violations=[
-                    error_details_pb2.BadRequest.FieldViolation(field=v.field, description=v.description)
+                    error_details_pb2.BadRequest.FieldViolation(field=_clip(v.field), description=_clip(v.description))
                     for v in exc.violations
                 ]
             )
