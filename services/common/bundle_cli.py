@@ -2,7 +2,7 @@
 
     ice-bundle tiny --out DIR [--seed N] [--force]
     ice-bundle assemble --out DIR --diffusion DIR --open-clip-config FILE --open-clip-weights FILE --dino DIR \\
-        --vocab FILE [--image-mean-from DIR] [--name NAME] [--precision float16] [--force]
+        [--vocab FILE] [--image-mean-from DIR] [--name NAME] [--precision float16] [--force]
     ice-bundle verify DIR
 
 Exit codes: 0 ok, 1 a bundle problem (one line naming the file on stderr), 2 bad arguments.
@@ -17,6 +17,9 @@ import time
 from pathlib import Path
 
 from services.common.errors import BundleError
+
+# The shipped default concept vocabulary (package data of the localizer, which owns the retriever).
+DEFAULT_VOCAB = Path(__file__).resolve().parents[1] / "localizer" / "data" / "default_vocab.tsv"
 
 
 def _say(msg: str) -> None:
@@ -53,7 +56,9 @@ def _parser() -> argparse.ArgumentParser:
     a.add_argument("--open-clip-config", required=True, type=Path, help="open_clip model config JSON")
     a.add_argument("--open-clip-weights", required=True, type=Path, help="open_clip weights (.safetensors)")
     a.add_argument("--dino", required=True, type=Path, help="transformers ViT (DINO) directory")
-    a.add_argument("--vocab", required=True, type=Path, help="vocabulary TSV: word, pos, frequency")
+    a.add_argument("--vocab", type=Path, default=DEFAULT_VOCAB,
+                   help="vocabulary TSV: word, pos, frequency (default: the shipped default vocabulary, "
+                        "services/localizer/data/default_vocab.tsv)")
     a.add_argument(
         "--image-mean-from", type=Path, default=None, help="directory of images for the CLIP image mean"
     )

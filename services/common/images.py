@@ -1,7 +1,8 @@
 """Image and mask decoding with limits, and the geometry every stage shares.
 
-Every failure raises `InvalidArgument` (or `ResourceExhausted` for a size limit) naming the request field,
-so the server's error interceptor answers INVALID_ARGUMENT / RESOURCE_EXHAUSTED with a field violation.
+Every failure raises `InvalidArgument` naming the request field, so every service answers INVALID_ARGUMENT with a
+`google.rpc.BadRequest` field violation for any undecodable image, a bomb or an image over the limits alike.
+(A whole gRPC message over the server's size limit is refused earlier by gRPC itself with RESOURCE_EXHAUSTED.)
 The header is inspected before any pixel is decoded, so a decompression bomb (a tiny file that declares a
 huge canvas) is refused without allocating it.
 """
@@ -15,7 +16,7 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image, ImageOps
 
-from services.common.errors import InvalidArgument, ResourceExhausted
+from services.common.errors import InvalidArgument
 
 ALLOWED_FORMATS = ("PNG", "JPEG", "WEBP")
 
@@ -37,18 +38,18 @@ def _open_checked(data: bytes, field: str, limits: ImageLimits) -> Image.Image:
     if len(data) == 0:
         raise InvalidArgument("is empty; expected a PNG, JPEG or WebP image", field=field)
     if len(data) > limits.max_bytes:
-        raise ResourceExhausted(f"{len(data)} bytes exceeds the limit of {limits.max_bytes} bytes", field=field)
+        raise InvalidArgument(f"{len(data)} bytes exceeds the limit of {limits.max_bytes} bytes", field=field)
     try:
         img = Image.open(io.BytesIO(bytes(data)))  # lazy: reads only the header
     except Image.DecompressionBombError as exc:  # PIL's own guard fires at open for giant canvases
-        raise ResourceExhausted(f"declared size exceeds the limits; refusing to decode ({exc})", field=field) from exc
+        raise InvalidArgument(f"declared size exceeds the limits; refusing to decode ({exc})", field=field) from exc
     except Exception as exc:  # PIL raises several types (UnidentifiedImageError, SyntaxError, ...)
         raise InvalidArgument("is not a decodable image (PNG, JPEG or WebP expected)", field=field) from exc
     if img.format not in ALLOWED_FORMATS:
         raise InvalidArgument(f"format {img.format} is not accepted; use PNG, JPEG or WebP", field=field)
     w, h = img.size
     if w > limits.max_side or h > limits.max_side or w * h > limits.max_pixels:
-        raise ResourceExhausted(
+        raise InvalidArgument(
             f"declared size {w}x{h} exceeds the limits ({limits.max_side} px a side, "
             f"{limits.max_pixels} pixels); refusing to decode",
             field=field,
@@ -65,7 +66,7 @@ def _load_pixels(img: Image.Image, field: str) -> Image.Image:
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             img.load()
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
-        raise ResourceExhausted("image is a decompression bomb", field=field) from exc
+        raise InvalidArgument("image is a decompression bomb", field=field) from exc
     except Exception as exc:
         raise InvalidArgument(f"image data is corrupt or truncated ({type(exc).__name__})", field=field) from exc
     return img
