@@ -126,12 +126,13 @@ class ServiceProcess:
     """`python -m services.<name>` on loopback, for RSS, signals and restarts."""
 
     def __init__(self, service: str, bundle: Path, log_path: Path, *, port: int | None = None,
-                 args: Iterable[str] = (), env: dict[str, str] | None = None):
+                 metrics_port: int = 0, args: Iterable[str] = (), env: dict[str, str] | None = None):
         self.service = service
         self.port = port or free_port()
+        self.metrics_port = metrics_port
         self.log_path = log_path
         cmd = [sys.executable, "-m", f"services.{service}", "--bundle", str(bundle), "--host", "127.0.0.1",
-               "--port", str(self.port), "--metrics-port", "0", *args]
+               "--port", str(self.port), "--metrics-port", str(metrics_port), *args]
         full_env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", PYTHONPATH=str(ROOT),
                         **(env or {}))
         self._log = open(log_path, "ab")
