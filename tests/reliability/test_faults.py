@@ -3,7 +3,7 @@
 - a client deadline shorter than the work: DEADLINE_EXCEEDED, and the server drops the work (its metrics show the
   abandoned call never reached the model, and the next call is served);
 - SIGTERM while calls are in flight: they all finish, new calls get UNAVAILABLE, the process exits 0;
-- the learner SIGKILLed repeatedly mid-job, and its newest checkpoint corrupted while it is down: the job resumes
+- the learner SIGKILLed twice mid-job, its newest checkpoint corrupted while it is down the second time: the job resumes
   from the newest checkpoint that verifies and succeeds, exactly one job record. (A single kill with a bit-exact
   comparison against an uninterrupted run is `tests/test_learner_service.py::test_sigkilled_learner_resumes_...`.)
 - corrupt checkpoints are skipped (unit level, every kind of damage);
@@ -138,19 +138,15 @@ def test_learner_survives_repeated_sigkill_and_a_corrupted_checkpoint(tiny_bundl
     proc.wait_ready()
     op = learner_pb2_grpc.LearnerServiceStub(proc.channel).CreateLearningJob(request, timeout=60)
     job_dir = store / "jobs" / op.name.split("/")[1]
-    kills = []
-    for _ in range(2):
-        seen = _checkpoints(job_dir)[-1] if _checkpoints(job_dir) else 0
-        _wait_for(lambda seen=seen: _checkpoints(job_dir) and _checkpoints(job_dir)[-1] > seen, 120,
-                  "no new checkpoint was written")
-        kills.append(_checkpoints(job_dir))
-        proc.kill()
-        proc = ServiceProcess("learner", tiny_bundle_dir, log, port=port, args=args)
-        proc.wait_ready()
-    # while the third process trains, kill it too and damage its newest checkpoint before the restart
-    seen = _checkpoints(job_dir)[-1]
+    _wait_for(lambda: _checkpoints(job_dir), 120, "no checkpoint was written")
+    first_kill = _checkpoints(job_dir)
+    proc.kill()
+    proc = ServiceProcess("learner", tiny_bundle_dir, log, port=port, args=args)
+    proc.wait_ready()
+    # while the second process trains, kill it too and damage its newest checkpoint before the restart
+    seen = first_kill[-1]
     _wait_for(lambda: _checkpoints(job_dir)[-1] > seen and len(_checkpoints(job_dir)) >= 2, 120,
-              "no checkpoint after the second restart")
+              "no checkpoint after the restart")
     proc.kill()
     steps = _checkpoints(job_dir)
     newest = job_dir / "checkpoints" / f"step-{steps[-1]:07d}" / "tensors.safetensors"
@@ -177,11 +173,11 @@ def test_learner_survives_repeated_sigkill_and_a_corrupted_checkpoint(tiny_bundl
         proc.stop()
     text = log.read_text(errors="replace")
     resumed = [int(s) for s in re.findall(r"resuming at step (\d+)", text)]
-    assert len(resumed) == 3, text[-3000:]
-    # each restart resumed from a checkpoint that existed at the kill; the last one skipped the damaged one
+    assert len(resumed) == 2, text[-3000:]
+    # the first restart resumed from a checkpoint that existed at the kill; the second skipped the damaged one
+    assert resumed[0] in first_kill, (resumed, first_kill)
     assert "unusable" in text and "checksum" in text
-    assert resumed[-1] == steps[-2], (resumed, steps)
-    assert all(r in k for r, k in zip(resumed[:2], kills, strict=True)), (resumed, kills)
+    assert resumed[1] == steps[-2], (resumed, steps)
 
 
 def test_checkpoint_loader_skips_every_kind_of_damage(tmp_path):
