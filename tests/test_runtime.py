@@ -43,13 +43,14 @@ class FakeLocalizer(localizer_pb2_grpc.LocalizerServiceServicer):
         return localizer_pb2.LocalizeResponse(width=7, height=9)
 
 
-def _start(load=lambda: None, **overrides):
+def _start(load=lambda: None, ready_check=None, **overrides):
     fake = FakeLocalizer()
     spec = ServiceSpec(
         name="localizer",
         service_names=[SERVICE],
         register=lambda server: localizer_pb2_grpc.add_LocalizerServiceServicer_to_server(fake, server),
         load=load,
+        ready_check=ready_check,
     )
     settings = from_sources(env={}, **{"host": "127.0.0.1", "port": _free_port(), "metrics_port": 0, **overrides})
     return start_server(spec, settings), fake
@@ -95,6 +96,29 @@ def test_health_not_serving_until_loaded_then_serving():
             assert running.wait_ready(10)
             assert _health(ch, "readiness") == serving
             assert _health(ch, SERVICE) == serving
+    finally:
+        running.stop(grace=0)
+
+
+def test_ready_check_drives_readiness_after_load():
+    healthy = threading.Event()
+    healthy.set()
+    running, _ = _start(ready_check=healthy.is_set)
+    serving, not_serving = health_pb2.HealthCheckResponse.SERVING, health_pb2.HealthCheckResponse.NOT_SERVING
+    try:
+        assert running.wait_ready(10)
+        with grpc.insecure_channel(f"127.0.0.1:{running.port}") as ch:
+            assert _health(ch, "readiness") == serving
+            healthy.clear()  # e.g. the learner's job store became unwritable
+            deadline = time.monotonic() + 5
+            while _health(ch, "readiness") != not_serving and time.monotonic() < deadline:
+                time.sleep(0.1)
+            assert _health(ch, "readiness") == not_serving and _health(ch, "liveness") == serving
+            healthy.set()
+            deadline = time.monotonic() + 5
+            while _health(ch, "readiness") != serving and time.monotonic() < deadline:
+                time.sleep(0.1)
+            assert _health(ch, "readiness") == serving
     finally:
         running.stop(grace=0)
 

@@ -53,6 +53,9 @@ class ServiceSpec:
     on_shutdown: Callable[[], None] = lambda: None  # e.g. stop accepting jobs, checkpoint
     version: str = "0.1.0"
     bundle_digest: Callable[[], str] = lambda: ""
+    # Polled every second once loaded: False turns readiness NOT_SERVING (e.g. the learner's job store cannot be
+    # written) until it is True again. Liveness is unaffected: the process is fine, its dependency is not.
+    ready_check: Callable[[], bool] | None = None
 
 
 @dataclass
@@ -213,6 +216,17 @@ def start_server(spec: ServiceSpec, settings: Settings, *, load_in_background: b
         BUILD_INFO.labels(spec.name, spec.version, spec.bundle_digest()).set(1)
         running.set_ready(True)
         log.info("%s: ready in %.1fs", spec.name, time.perf_counter() - started)
+        if spec.ready_check is not None:
+            threading.Thread(target=watch_readiness, name=f"{spec.name}-ready", daemon=True).start()
+
+    def watch_readiness() -> None:
+        ready = True
+        while not running._stopped.wait(1.0):
+            now = bool(spec.ready_check())
+            if now != ready:
+                log.warning("%s: readiness -> %s", spec.name, "SERVING" if now else "NOT_SERVING")
+                running.set_ready(now)
+                ready = now
 
     if load_in_background:
         threading.Thread(target=load, name=f"{spec.name}-load", daemon=True).start()

@@ -55,6 +55,8 @@ log = logging.getLogger("ice.learner.jobs")
 
 QUEUED, RUNNING, SUCCEEDED, FAILED, CANCELLED = "queued", "running", "succeeded", "failed", "cancelled"
 TERMINAL = (SUCCEEDED, FAILED, CANCELLED)
+RETRY_SECONDS = 1.0  # back-off of the runner while the job store cannot be written
+UNREADY_AFTER_SECONDS = 30.0  # a store unwritable this long turns readiness off (a short blip does not)
 
 QUEUE_DEPTH = Gauge("ice_learner_queue_depth", "Learning jobs waiting to run.")
 JOB_DURATION = Histogram("ice_learner_job_duration_seconds", "Wall time of a learning job from start to end.",
@@ -178,6 +180,8 @@ class JobManager:
         self._version = 0
         self._stopping = threading.Event()
         self._thread: threading.Thread | None = None
+        self.store_writable = True
+        self._unwritable_since = 0.0
         self._step_seconds: float | None = None  # moving average over this replica's steps
         self._jobs: dict[str, JobRecord] = {}
         for r in self.store.all():
@@ -198,8 +202,16 @@ class JobManager:
         return self.root / "jobs" / job_id
 
     def _put(self, record: JobRecord) -> None:
-        """Persist and publish a record (caller holds the condition)."""
-        self.store.put(record)
+        """Persist, then publish, a record (caller holds the condition). A failed write changes nothing in memory
+        and is a clear RESOURCE_EXHAUSTED (full disk, read-only store), never a corrupt or half-made record."""
+        try:
+            self.store.put(record)
+        except (sqlite3.Error, OSError) as exc:
+            if self.store_writable:
+                self.store_writable, self._unwritable_since = False, time.monotonic()
+            raise ResourceExhausted(f"the job store cannot be written (no space left on the disk, or read-only): "
+                                    f"{exc}") from exc
+        self.store_writable = True
         self._jobs[record.id] = record
         self._version += 1
         self._update_queue_gauge()
@@ -247,13 +259,20 @@ class JobManager:
             if queued >= self.queue_size:
                 raise ResourceExhausted(f"the learning queue is full ({queued} jobs waiting); retry later")
             job_id = uuid.uuid4().hex
-            self.job_dir(job_id).mkdir(parents=True)
-            save_inputs(self.job_dir(job_id) / "input", spec)
-            now = time.time()
+            try:
+                self.job_dir(job_id).mkdir(parents=True)
+                save_inputs(self.job_dir(job_id) / "input", spec)
+                now = time.time()
+                record = JobRecord(job_id, request_id, request_digest, QUEUED, spec.schedule.total_steps, now, now,
+                                   seq=self._seq + 1)
+                self._put(record)
+            except OSError as exc:  # the inputs could not be saved: leave nothing half-made behind
+                shutil.rmtree(self.job_dir(job_id), ignore_errors=True)
+                raise ResourceExhausted(f"the job store has no space left or cannot be written: {exc}") from exc
+            except ResourceExhausted:
+                shutil.rmtree(self.job_dir(job_id), ignore_errors=True)
+                raise
             self._seq += 1
-            record = JobRecord(job_id, request_id, request_digest, QUEUED, spec.schedule.total_steps, now, now,
-                               seq=self._seq)
-            self._put(record)
             return record
 
     def cancel(self, job_id: str) -> JobRecord:
@@ -339,8 +358,36 @@ class JobManager:
         return None
 
     def _loop(self) -> None:
-        while (record := self._next()) is not None:
-            self._run(record)
+        """Run jobs one at a time. A failure of the store itself (a record that cannot be written) must not end
+        the runner: it backs off and tries again, and readiness reports NOT_SERVING meanwhile (`ready`)."""
+        while not self._stopping.is_set():
+            try:
+                record = self._next()
+                if record is None:
+                    return
+                self._run(record)
+            except Exception:
+                log.exception("the learning runner could not update the job store; retrying in %.0fs", RETRY_SECONDS)
+                self._stopping.wait(RETRY_SECONDS)
+
+    def ready(self) -> bool:
+        """False when the runner is gone, or the job store has been unwritable for UNREADY_AFTER_SECONDS (probed
+        again on each call, so readiness comes back as soon as space does)."""
+        if self._thread is not None and not self._thread.is_alive():
+            return False
+        if self.store_writable:
+            return True
+        try:  # can the store's disk take a write again?
+            probe = self.root / ".write-probe"
+            with open(probe, "wb") as f:
+                f.write(b"\0" * 4096)
+                f.flush()
+                os.fsync(f.fileno())
+            probe.unlink()
+            self.store_writable = True
+            return True
+        except OSError:
+            return time.monotonic() - self._unwritable_since < UNREADY_AFTER_SECONDS
 
     def _update(self, job_id: str, **changes) -> JobRecord:
         with self._cond:
@@ -380,6 +427,10 @@ class JobManager:
             self._finish(job_id, SUCCEEDED, started, result=payload)
         except Interrupted:
             log.info("job %s interrupted by shutdown; it resumes on the next start", job_id)
+        except OSError as exc:  # a checkpoint or artifact that could not be written
+            log.warning("job %s failed: %s", job_id, exc)
+            self._finish(job_id, FAILED, started, error_code="RESOURCE_EXHAUSTED",
+                         error_message=f"the job store has no space left or cannot be written: {exc}")
         except Cancelled as exc:
             self._finish(job_id, CANCELLED, started, error_code="CANCELLED", error_message=exc.message)
         except IceError as exc:
@@ -391,8 +442,17 @@ class JobManager:
                          error_message="training failed with an internal error; see the server log")
 
     def _finish(self, job_id: str, state: str, started: float, **changes) -> None:
+        """Record a job's end; retried until the store takes it, so an outcome is never dropped."""
         JOB_DURATION.labels(state).observe(time.time() - started)
-        self._update(job_id, state=state, end_time=time.time(), **changes)
+        while True:
+            try:
+                self._update(job_id, state=state, end_time=time.time(), **changes)
+                return
+            except ResourceExhausted as exc:
+                if self._stopping.is_set():  # unfinished on disk: the job resumes on the next start
+                    raise
+                log.error("job %s: cannot record its end (%s); retrying in %.0fs", job_id, exc.message, RETRY_SECONDS)
+                self._stopping.wait(RETRY_SECONDS)
 
 
 def artifact_files(record: JobRecord) -> list[ArtifactFile]:

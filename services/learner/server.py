@@ -426,4 +426,5 @@ def build_spec(settings: LearnerSettings) -> ServiceSpec:
 
     return ServiceSpec(name="learner", service_names=[SERVICE, OPERATIONS], register=register, load=load,
                        on_shutdown=on_shutdown, version=server_version(),
-                       bundle_digest=lambda: state.bundle.digest if state.bundle else "")
+                       bundle_digest=lambda: state.bundle.digest if state.bundle else "",
+                       ready_check=lambda: state.manager is None or state.manager.ready())

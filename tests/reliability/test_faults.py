@@ -294,8 +294,6 @@ def _listed(ops) -> list:
     return list(ops.ListOperations(operations_pb2.ListOperationsRequest(name="operations"), timeout=10).operations)
 
 
-@pytest.mark.xfail(strict=True, reason="bug: JobManager.submit lets ENOSPC escape as INTERNAL "
-                   "(services/learner/jobs.py, submit -> save_inputs); see docs/reliability.md")
 def test_a_full_disk_refuses_new_jobs_clearly_and_leaves_no_record(full_disk_learner):
     disk, stub, ops = full_disk_learner
     before = [o.name for o in _listed(ops)]
@@ -311,9 +309,6 @@ def test_a_full_disk_refuses_new_jobs_clearly_and_leaves_no_record(full_disk_lea
     assert accepted.code == "OK", accepted
 
 
-@pytest.mark.xfail(strict=True, reason="bug: CancelOperation on a full disk answers INTERNAL: the SQLite write in "
-                   "JobManager.cancel -> _put -> JobStore.put raises sqlite3.OperationalError (services/learner/jobs.py); "
-                   "see docs/reliability.md")
 def test_cancel_on_a_full_disk_is_refused_clearly_and_the_jobs_still_end(full_disk_learner):
     disk, stub, ops = full_disk_learner
     running = stub.CreateLearningJob(_job(2000), timeout=30)
@@ -340,9 +335,6 @@ def test_cancel_on_a_full_disk_is_refused_clearly_and_the_jobs_still_end(full_di
     assert not problems, "\n".join(problems)
 
 
-@pytest.mark.xfail(strict=True, reason="bug: a failed record write as the runner starts a job kills the learner-runner "
-                   "thread (services/learner/jobs.py, JobManager._loop -> _next -> _put has no error handling): later "
-                   "jobs never run while readiness stays SERVING; see docs/reliability.md")
 def test_the_runner_survives_a_record_write_that_fails_as_a_job_starts(tiny_bundle_dir, tmp_path, monkeypatch):
     from services.learner import jobs
 
