@@ -500,9 +500,9 @@ def _replace(obj, **changes):
 
 
 def _safe_join(root: Path, name: str) -> Path:
-    """A server-given relative name under `root`; refuses absolute paths and `..`."""
+    """A server-given relative name under `root`; refuses absolute paths, `..` and NUL bytes."""
     parts = Path(name).parts
-    if not parts or Path(name).is_absolute() or ".." in parts:
+    if not parts or Path(name).is_absolute() or ".." in parts or "\x00" in name:
         raise ValueError(f"refusing artifact path {name!r}")
     return root.joinpath(*parts)
 

@@ -27,6 +27,7 @@ log = logging.getLogger("ice.evaluator")
 
 SERVICE = evaluator_pb2.DESCRIPTOR.services_by_name["EvaluatorService"].full_name
 MAX_MASKS = 256  # per side of a ScoreMasks request (the proto's limit)
+MAX_CONCEPT_ID_CHARS = 64  # as the learner allows
 
 pb = evaluator_pb2
 _FILLS = {
@@ -94,6 +95,8 @@ class EvaluatorServicer(evaluator_pb2_grpc.EvaluatorServiceServicer):
             field = f"{prefix}concepts[{i}]"
             if not c.concept_id:
                 raise InvalidArgument("is required", field=f"{field}.concept_id")
+            if len(c.concept_id) > MAX_CONCEPT_ID_CHARS:
+                raise InvalidArgument(f"is longer than {MAX_CONCEPT_ID_CHARS} characters", field=f"{field}.concept_id")
             if c.concept_id in seen:
                 raise InvalidArgument(f"{c.concept_id!r} is not unique", field=f"{field}.concept_id")
             seen.add(c.concept_id)
