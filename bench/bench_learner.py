@@ -54,7 +54,9 @@ def _unet(quick: bool):
     unet = UNet2DConditionModel(
         sample_size=LATENT, in_channels=4, out_channels=4, block_out_channels=channels,
         down_block_types=("CrossAttnDownBlock2D",) * 3, up_block_types=("CrossAttnUpBlock2D",) * 3,
-        layers_per_block=2, cross_attention_dim=64, attention_head_dim=32, norm_num_groups=16)
+        # diffusers' `attention_head_dim` is the number of heads: one head per 64 channels, as in SD (head dim 64)
+        layers_per_block=2, cross_attention_dim=64, attention_head_dim=tuple(c // 64 or 1 for c in channels),
+        norm_num_groups=16)
     return unet.eval().requires_grad_(False)
 
 
