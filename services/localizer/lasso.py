@@ -9,7 +9,9 @@ embedding. This is sklearn's ``Lasso(alpha=λ/(2D), positive=True, fit_intercept
 It is the quadratic program min ½wᵀQw − bᵀw, w ≥ 0 with Q = 2CCᵀ and b = 2Cz − λ. Q is V × V (15,000² for
 SpLiCE) and is never formed. A working-set method:
 
-1. The working set W starts as the words with the largest positive b_j (only they can be non-zero at w = 0).
+1. The working set W starts as the (up to 128) words with the largest positive b_j (only they can be non-zero
+   at w = 0); large enough that one restricted solve usually finds the whole support, so most solves take the
+   minimum of two passes over the dictionary (the correlations, then the KKT check).
 2. The QP restricted to W (|W| × |W|, small) is solved exactly by Lawson–Hanson active-set steps.
 3. One batched GEMM gives the full gradient g = 2C(Cᵀw − z) + λ for every vector of the batch. Where some
    g_j < −tol off the support, the most violating words join W and step 2 repeats; otherwise the KKT conditions
@@ -81,7 +83,7 @@ def _restricted_qp(q: torch.Tensor, b: torch.Tensor, w: torch.Tensor, tol: float
 class NonNegLasso:
     """The solver bound to one dictionary [V, D] (float64 copy kept on the dictionary's device)."""
 
-    def __init__(self, dictionary: torch.Tensor, *, working_set: int = 32, tol: float = 1e-10,
+    def __init__(self, dictionary: torch.Tensor, *, working_set: int = 128, tol: float = 1e-10,
                  max_passes: int = 100):
         self.c = dictionary.double()
         self.working_set = working_set
