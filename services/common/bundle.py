@@ -36,6 +36,26 @@ import torch
 
 from services.common.errors import BundleError
 
+
+def quiet_hub_progress() -> None:
+    """transformers/diffusers draw progress bars for every save and load; in service logs and CLI output they
+    are noise (our own commands report progress themselves)."""
+    try:
+        from transformers.utils import logging as transformers_logging
+
+        transformers_logging.disable_progress_bar()
+    except ImportError:  # pragma: no cover
+        pass
+    try:
+        from diffusers.utils import logging as diffusers_logging
+
+        diffusers_logging.disable_progress_bar()
+    except ImportError:  # pragma: no cover
+        pass
+
+
+quiet_hub_progress()
+
 FORMAT_VERSION = 1
 BUNDLE_JSON = "bundle.json"
 POS_TAGS = ("noun", "adjective", "verb", "other")

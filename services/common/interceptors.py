@@ -10,6 +10,7 @@ import hmac
 import logging
 import time
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 
 import grpc
 from google.protobuf import any_pb2
@@ -136,39 +137,35 @@ class MetricsInterceptor(grpc.ServerInterceptor):
 
             return counted()
 
+        @contextmanager
+        def observed(context):
+            STARTED.labels(*labels).inc()
+            start = time.perf_counter()
+            exc = None
+            try:
+                yield
+            except BaseException as e:
+                exc = e
+                raise
+            finally:
+                HANDLING.labels(*labels).observe(time.perf_counter() - start)
+                HANDLED.labels(*labels, _code_name(context, exc)).inc()
+
         def wrap_unary(behaviour):
             def wrapped(request, context):
-                STARTED.labels(*labels).inc()
-                start = time.perf_counter()
-                exc = None
-                try:
+                with observed(context):
                     response = behaviour(count_requests(request), context)
                     MSG_SENT.labels(*labels).inc()
                     return response
-                except BaseException as e:
-                    exc = e
-                    raise
-                finally:
-                    HANDLING.labels(*labels).observe(time.perf_counter() - start)
-                    HANDLED.labels(*labels, _code_name(context, exc)).inc()
 
             return wrapped
 
         def wrap_stream(behaviour):
             def wrapped(request, context):
-                STARTED.labels(*labels).inc()
-                start = time.perf_counter()
-                exc = None
-                try:
+                with observed(context):
                     for response in behaviour(count_requests(request), context):
                         MSG_SENT.labels(*labels).inc()
                         yield response
-                except BaseException as e:
-                    exc = e
-                    raise
-                finally:
-                    HANDLING.labels(*labels).observe(time.perf_counter() - start)
-                    HANDLED.labels(*labels, _code_name(context, exc)).inc()
 
             return wrapped
 

@@ -13,7 +13,6 @@ entries as a list: `pipe.load_textual_inversion([{t: v} for t, v in sd.items()],
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from dataclasses import dataclass
@@ -23,6 +22,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
+from services.common.bundle import sha256_file
 from services.common.images import encode_mask
 
 EMBEDS = "learned_embeds.safetensors"
@@ -36,14 +36,6 @@ class ArtifactFile:
     name: str
     size_bytes: int
     sha256: str
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(1 << 20):
-            h.update(block)
-    return h.hexdigest()
 
 
 def write_artifacts(folder: Path, result, spec, bundle_digest: str) -> list[ArtifactFile]:
@@ -89,7 +81,7 @@ def write_artifacts(folder: Path, result, spec, bundle_digest: str) -> list[Arti
         "image_size": spec.image.size[0],
     }
     atomic(MANIFEST, lambda p: p.write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8"))
-    return [ArtifactFile(n, (folder / n).stat().st_size, _sha256(folder / n)) for n in names]
+    return [ArtifactFile(n, (folder / n).stat().st_size, sha256_file(folder / n)) for n in names]
 
 
 def read_manifest(folder: Path) -> dict:

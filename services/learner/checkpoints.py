@@ -8,7 +8,6 @@ skips any whose checksum or JSON does not verify.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -19,19 +18,13 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
+from services.common.bundle import sha256_file
+
 log = logging.getLogger("ice.learner.checkpoints")
 
 TENSORS = "tensors.safetensors"
 STATE = "state.json"
 KEEP = 2  # the newest checkpoints kept; older ones are deleted after a new one is in place
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(1 << 20):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _fsync_dir(path: Path) -> None:
@@ -51,7 +44,7 @@ def save(root: Path, step: int, tensors: dict[str, torch.Tensor], state: dict[st
     save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp / TENSORS))
     with open(tmp / TENSORS, "rb") as f:
         os.fsync(f.fileno())
-    doc = {"step": step, "tensors_sha256": _sha256(tmp / TENSORS), "state": state}
+    doc = {"step": step, "tensors_sha256": sha256_file(tmp / TENSORS), "state": state}
     with open(tmp / STATE, "w", encoding="utf-8") as f:
         json.dump(doc, f)
         f.flush()
@@ -72,7 +65,7 @@ def load_latest(root: Path) -> tuple[int, dict[str, torch.Tensor], dict[str, Any
     for path in sorted(root.glob("step-*"), reverse=True):
         try:
             doc = json.loads((path / STATE).read_text(encoding="utf-8"))
-            if _sha256(path / TENSORS) != doc["tensors_sha256"]:
+            if sha256_file(path / TENSORS) != doc["tensors_sha256"]:
                 raise ValueError("checksum mismatch")
             return int(doc["step"]), load_file(str(path / TENSORS)), doc["state"]
         except (OSError, ValueError, KeyError, json.JSONDecodeError) as exc:
