@@ -35,7 +35,8 @@ To extract meaningful concepts, assemble a real bundle from local weights (nothi
   ice-bundle assemble --out bundles/sd21 \\
       --diffusion /models/stable-diffusion-2-1-base \\
       --open-clip-config /models/ViT-B-32.json --open-clip-weights /models/ViT-B-32.safetensors \\
-      --dino /models/dino-vits16            # --vocab FILE: default, the shipped 1,108-word vocabulary
+      --dino /models/dino-vits16
+  (--vocab FILE is optional: the shipped 1,108-word vocabulary is the default)
 then serve it (`ice serve --bundle bundles/sd21`, or the Kubernetes overlays under k8s/) and run
   ice extract photo.jpg --out result/          (the published schedule: 400/400/300 steps; use a GPU)"""
 
