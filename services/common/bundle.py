@@ -56,6 +56,12 @@ def quiet_hub_progress() -> None:
 
 quiet_hub_progress()
 
+# diffusers and transformers build a model on the `meta` device by patching torch.nn.Module process-wide while
+# `from_pretrained` runs; a parameter that another thread creates at that moment lands on `meta` (seen as
+# "Tensor on device meta" when a learning job starts while a pipeline loads). Every model load, and every
+# creation of parameters outside a load (new token rows, LoRA adapters), holds this lock.
+MODEL_BUILD_LOCK = threading.RLock()
+
 FORMAT_VERSION = 1
 BUNDLE_JSON = "bundle.json"
 POS_TAGS = ("noun", "adjective", "verb", "other")
@@ -441,7 +447,8 @@ class Bundle:
     def _cached(self, key, build: Callable[[], Any]):
         with self._lock:
             if key not in self._cache:
-                self._cache[key] = build()
+                with MODEL_BUILD_LOCK:
+                    self._cache[key] = build()
             return self._cache[key]
 
     def tokenizer(self):

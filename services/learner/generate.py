@@ -10,6 +10,7 @@ from pathlib import Path
 import torch
 from PIL import Image
 
+from services.common.bundle import MODEL_BUILD_LOCK
 from services.learner.artifacts import apply_artifacts
 
 MAX_SEED = 2**64
@@ -50,13 +51,14 @@ def load_pipeline(bundle, folder: Path, device: str = "cpu"):
     from diffusers import DPMSolverMultistepScheduler, StableDiffusionPipeline
 
     dtype = torch.bfloat16 if str(device).startswith("cuda") else torch.float32
-    pipe = StableDiffusionPipeline.from_pretrained(
-        str(bundle.root / "diffusion"), safety_checker=None, requires_safety_checker=False,
-        local_files_only=True, use_safetensors=True, dtype=dtype)
-    pipe.set_progress_bar_config(disable=True)
-    pipe.scheduler = DPMSolverMultistepScheduler.from_config(pipe.scheduler.config)
-    pipe.to(device)
-    apply_artifacts(pipe, folder)
+    with MODEL_BUILD_LOCK:  # see services.common.bundle.MODEL_BUILD_LOCK
+        pipe = StableDiffusionPipeline.from_pretrained(
+            str(bundle.root / "diffusion"), safety_checker=None, requires_safety_checker=False,
+            local_files_only=True, use_safetensors=True, dtype=dtype)
+        pipe.set_progress_bar_config(disable=True)
+        pipe.scheduler = DPMSolverMultistepScheduler.from_config(pipe.scheduler.config)
+        pipe.to(device)
+        apply_artifacts(pipe, folder)
     return pipe
 
 

@@ -32,6 +32,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from services.common.bundle import MODEL_BUILD_LOCK
 from services.common.errors import BundleError, InvalidArgument
 from services.common.images import image_to_tensor
 from services.learner import checkpoints
@@ -276,11 +277,12 @@ class Trainer:
         spec, s = self.spec, self.schedule
         self.generator = torch.Generator("cpu").manual_seed(spec.seed)
         self.rng = random.Random(spec.seed)
-        self.tokenizer, self.text_encoder, self.unet, self.vae, self.noise_scheduler = load_components(
-            self.bundle, self.device)
-        concepts = [(c.concept_id, c.noun) for c in spec.concepts]
-        self.tokens = ConceptTokens(self.tokenizer, self.text_encoder, plan_tokens(concepts, spec.anchors))
-        self.tokens.initialise(spec.init_words, self.rng)
+        with MODEL_BUILD_LOCK:  # see services.common.bundle.MODEL_BUILD_LOCK
+            self.tokenizer, self.text_encoder, self.unet, self.vae, self.noise_scheduler = load_components(
+                self.bundle, self.device)
+            concepts = [(c.concept_id, c.noun) for c in spec.concepts]
+            self.tokens = ConceptTokens(self.tokenizer, self.text_encoder, plan_tokens(concepts, spec.anchors))
+            self.tokens.initialise(spec.init_words, self.rng)
         self.row_mask = torch.zeros(len(self.tokens.specs), dtype=torch.bool, device=self.device)
         self.tokens.new.register_hook(lambda g: g * self.row_mask.unsqueeze(1).to(g.dtype))
 
@@ -355,7 +357,7 @@ class Trainer:
 
             config = LoraConfig(r=self.spec.lora_rank, lora_alpha=self.spec.lora_rank, init_lora_weights="gaussian",
                                 target_modules=["to_k", "to_q", "to_v", "to_out.0"])
-            with torch.random.fork_rng(devices=[]):  # peft draws its init from the global RNG
+            with torch.random.fork_rng(devices=[]), MODEL_BUILD_LOCK:  # peft draws its init from the global RNG
                 torch.manual_seed(self.spec.seed)
                 self.unet.add_adapter(config)
             self.unet.to(self.device)
