@@ -269,10 +269,10 @@ def cmd_learn(a) -> int:
                              seed=a.seed)
         if a.wait:
             result = ice.wait(job, progress=not a.json)
-            _emit(a, {"job": job.name, **result.to_dict()}, f"{job.name} succeeded; tokens: "
+            _emit(a, {"job": job.ref, **result.to_dict()}, f"{job.ref} succeeded; tokens: "
                   + " ".join(t.token for t in result.tokens if t.role != "INSTANCE"))
-        else:
-            _emit(a, {"job": job.name}, job.name)
+        else:  # "operations/ID@replica" when the learner advertises its replica: later commands go there
+            _emit(a, {"job": job.ref}, job.ref)
         return 0
     if a.learn_command == "list":
         jobs = ice.jobs()

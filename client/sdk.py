@@ -171,6 +171,8 @@ class IceClient:
             "evaluator": evaluator or DEFAULT_TARGETS["evaluator"],
         }
         self._channels: dict[str, grpc.Channel] = {}
+        # operation name -> the learner replica that owns the job (from its metadata's replica_address)
+        self._owners: dict[str, str] = {}
 
     # --- plumbing ------------------------------------------------------------------------------------------
     def _channel(self, service: str) -> grpc.Channel:
@@ -204,6 +206,26 @@ class IceClient:
     @property
     def _operations(self):
         return operations_pb2_grpc.OperationsStub(self._channel("learner"))
+
+    def _job_channel(self, job: Job) -> grpc.Channel:
+        """The channel for calls about `job`: straight to the replica that owns it when known (a job lives on
+        one learner replica; a load-balanced target could reach another), else the learner target."""
+        address = job.replica or self._owners.get(job.name)
+        if not address:
+            return self._channel("learner")
+        key = f"learner@{address}"
+        if key not in self._channels:
+            self._channels[key] = open_channel(address, self.config)
+        return self._channels[key]
+
+    def _job_stubs(self, job: Job | str):
+        job = Job.of(job)
+        channel = self._job_channel(job)
+        return job, learner_pb2_grpc.LearnerServiceStub(channel), operations_pb2_grpc.OperationsStub(channel)
+
+    def _remember(self, name: str, metadata: learner_pb2.LearningJobMetadata) -> None:
+        if metadata.replica_address:
+            self._owners[name] = metadata.replica_address
 
     @property
     def _evaluator(self):
@@ -273,12 +295,15 @@ class IceClient:
                                    refinement_delta=refinement_delta, lora_rank=lora_rank, seed=seed,
                                    request_id=request_id or str(uuid.uuid4()))
         op = self._call("learner", self._learner.CreateLearningJob, request)
-        return Job(op.name)
+        metadata = learner_pb2.LearningJobMetadata()
+        if op.metadata.Unpack(metadata):
+            self._remember(op.name, metadata)
+        return Job(op.name, metadata.replica_address)
 
     def job(self, job: Job | str) -> JobProgress:
         """The job's current progress (google.longrunning GetOperation)."""
-        op = self._call("learner", self._operations.GetOperation,
-                        operations_pb2.GetOperationRequest(name=Job.of(job).name))
+        job, _, operations = self._job_stubs(job)
+        op = self._call("learner", operations.GetOperation, operations_pb2.GetOperationRequest(name=job.name))
         return _operation_progress(op)
 
     def jobs(self, page_size: int = 100) -> list[JobProgress]:
@@ -295,8 +320,10 @@ class IceClient:
 
     def watch(self, job: Job | str, timeout: float | None = None) -> Iterator[JobProgress]:
         """Progress of a job as it changes; the last item has `done` = True (WatchLearningJob)."""
-        request = learner_pb2.WatchLearningJobRequest(name=Job.of(job).name)
-        for r in self._stream("learner", self._learner.WatchLearningJob, request, timeout):
+        job, learner, _ = self._job_stubs(job)
+        request = learner_pb2.WatchLearningJobRequest(name=job.name)
+        for r in self._stream("learner", learner.WatchLearningJob, request, timeout):
+            self._remember(job.name, r.metadata)
             which = r.WhichOneof("result")
             yield _progress(r.metadata, r.done, r.error if which == "error" else None,
                             r.response if which == "response" else None)
@@ -319,22 +346,23 @@ class IceClient:
 
     def cancel(self, job: Job | str) -> None:
         """Ask the job to stop; it ends CANCELLED within one training step."""
-        self._call("learner", self._operations.CancelOperation,
-                   operations_pb2.CancelOperationRequest(name=Job.of(job).name))
+        job, _, operations = self._job_stubs(job)
+        self._call("learner", operations.CancelOperation, operations_pb2.CancelOperationRequest(name=job.name))
 
     def delete(self, job: Job | str) -> None:
         """Forget a finished job and its artifacts."""
-        self._call("learner", self._operations.DeleteOperation,
-                   operations_pb2.DeleteOperationRequest(name=Job.of(job).name))
+        job, _, operations = self._job_stubs(job)
+        self._call("learner", operations.DeleteOperation, operations_pb2.DeleteOperationRequest(name=job.name))
 
     def artifacts(self, job: Job | str, out_dir: str | Path, files: Sequence[str] = ()) -> list[Path]:
         """Download the job's artifact files into `out_dir` (checked against their sha256, written atomically)."""
         out_dir = Path(out_dir)
-        request = learner_pb2.GetArtifactsRequest(name=Job.of(job).name, files=list(files))
+        job, learner, _ = self._job_stubs(job)
+        request = learner_pb2.GetArtifactsRequest(name=job.name, files=list(files))
         written: list[Path] = []
         handle, digest, path, tmp = None, None, None, None
         try:
-            for chunk in self._stream("learner", self._learner.GetArtifacts, request):
+            for chunk in self._stream("learner", learner.GetArtifacts, request):
                 if handle is None:
                     path = _safe_join(out_dir, chunk.file_name)
                     path.parent.mkdir(parents=True, exist_ok=True)
@@ -370,8 +398,9 @@ class IceClient:
         if prompts and kind != "free":
             kind = "free"
         opts = options or GenerateOptions()
+        job, learner, _ = self._job_stubs(job)
         request = learner_pb2.GenerateRequest(
-            name=Job.of(job).name,
+            name=job.name,
             kind=_enum_value(learner_pb2.PromptKind, kind, "PROMPT_KIND_", "prompt kind"),
             prompts=list(prompts),
             concept_ids=list(concept_ids),
@@ -380,7 +409,7 @@ class IceClient:
             if getattr(opts, name) is not None:
                 setattr(request, name, getattr(opts, name))
         label = kind.upper()
-        for r in self._stream("learner", self._learner.Generate, request):
+        for r in self._stream("learner", learner.Generate, request):
             yield GeneratedImage(r.prompt, r.index, r.concept_id, r.attribute, r.seed, label, r.image)
 
     def generate(self, job: Job | str, kind: str = "object_level", prompts: Sequence[str] = (),

@@ -83,19 +83,28 @@ class LocalizeResult(_Jsonable):
 # --- learner -----------------------------------------------------------------------------------------------
 @dataclass
 class Job(_Jsonable):
-    """A learning job: `name` is its operation name, "operations/{job_id}"."""
+    """A learning job: `name` is its operation name, "operations/{job_id}"; `replica` the address of the learner
+    replica that owns it, when the learner advertises one (later calls about the job go there).
+
+    As text a job is its name, or "name@host:port" to carry the replica (what `ice learn start` prints)."""
 
     name: str
+    replica: str = ""
 
     @property
     def job_id(self) -> str:
         return self.name.split("/", 1)[1] if self.name.startswith("operations/") else self.name
 
+    @property
+    def ref(self) -> str:
+        return f"{self.name}@{self.replica}" if self.replica else self.name
+
     @staticmethod
     def of(job: Job | str) -> Job:
         if isinstance(job, Job):
             return job
-        return Job(job if job.startswith("operations/") else f"operations/{job}")
+        name, _, replica = job.partition("@")
+        return Job(name if name.startswith("operations/") else f"operations/{name}", replica)
 
 
 @dataclass

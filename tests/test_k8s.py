@@ -600,3 +600,19 @@ def test_batch_job_args_are_what_the_ice_cli_accepts(rendered, tmp_path):
     assert items and all(str(i.image).startswith(inputs["mountPath"] + "/") for i in items)
     ids = Counter(i.id for k in range(a.shard_count) for i in shard(items, k, a.shard_count))
     assert ids == Counter(i.id for i in items) and set(ids.values()) == {1}
+
+
+@needs_kubectl
+@pytest.mark.parametrize("target", OVERLAYS)
+def test_each_learner_replica_advertises_its_stable_address(rendered, target):
+    """A job lives on the replica that took it; clients follow `replica_address` there. It must be the pod's
+    StatefulSet DNS name under the governing headless Service, on the gRPC port the container serves."""
+    (learner,) = [o for o in of_kind(rendered[target], "StatefulSet") if component(o) == "learner"]
+    container = main_container(learner)
+    env = {e["name"]: e.get("valueFrom", {}).get("fieldRef", {}).get("fieldPath") for e in container.get("env", [])}
+    assert env.get("POD_NAME") == "metadata.name" and env.get("POD_NAMESPACE") == "metadata.namespace"
+    service = learner["spec"]["serviceName"]
+    (svc,) = [s for s in of_kind(rendered[target], "Service") if s["metadata"]["name"] == service]
+    assert svc["spec"].get("clusterIP") == "None"
+    advertised = flags(container)["advertise-address"]
+    assert advertised == f"$(POD_NAME).{service}.$(POD_NAMESPACE).svc.cluster.local:{flags(container)['port']}"

@@ -186,6 +186,10 @@ class LearnerSettings(Settings):
         None, "Cache of prior-preservation class images shared by all jobs; default <job-store>/class-images.",
         ("learner",))
     resume_jobs: bool = _setting(True, "On start, resume unfinished jobs from their last checkpoint.", ("learner",))
+    advertise_address: str = _setting(
+        "", "host:port clients use to reach THIS replica; sent in every job's metadata so that clients behind a "
+            "load-balanced target send a job's later calls to the replica that owns it (Kubernetes: the pod's "
+            "stable StatefulSet DNS name).", ("learner",))
     max_concepts: int = _setting(16, "Most concepts one learning job may ask for (RESOURCE_EXHAUSTED beyond).",
                                  ("learner",))
     class_image_steps: int = _setting(50, "Denoising steps of each prior-preservation class image.", ("learner",))

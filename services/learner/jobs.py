@@ -168,11 +168,13 @@ def load_inputs(folder: Path) -> LearningSpec:
 
 class JobManager:
     def __init__(self, root: Path, bundle, *, device: str = "cpu", queue_size: int = 8,
-                 class_images_dir: Path | None = None, class_image_steps: int = 50, resume_jobs: bool = True):
+                 class_images_dir: Path | None = None, class_image_steps: int = 50, resume_jobs: bool = True,
+                 advertise_address: str = ""):
         self.root = Path(root)
         self.bundle = bundle
         self.device = device
         self.queue_size = queue_size
+        self.advertise_address = advertise_address  # where clients reach this replica (see LearnerSettings)
         self.class_images_dir = Path(class_images_dir) if class_images_dir else self.root / "class-images"
         self.class_image_steps = class_image_steps
         self.store = JobStore(self.root / "jobs.sqlite")

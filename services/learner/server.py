@@ -204,7 +204,7 @@ def job_metadata(manager: JobManager, r: JobRecord) -> learner_pb2.LearningJobMe
         job_id=r.id, state=_STATE[r.state], phase=_PHASE.get(r.phase, learner_pb2.PHASE_UNSPECIFIED),
         step=r.step, total_steps=r.total_steps, percent=percent, losses=r.losses,
         queue_position=manager.queue_position(r.id) if r.state == QUEUED else 0,
-        cancel_requested=r.cancel_requested)
+        cancel_requested=r.cancel_requested, replica_address=manager.advertise_address)
     for name in ("create_time", "start_time", "update_time", "end_time"):
         _timestamp(getattr(md, name), getattr(r, name))
     eta = manager.eta_seconds(r)
@@ -417,7 +417,8 @@ def build_spec(settings: LearnerSettings) -> ServiceSpec:
         state.bundle = Bundle.open(settings.bundle, verify_hashes=settings.verify_bundle_hashes)
         state.manager = JobManager(settings.job_store, state.bundle, device=state.device,
                                    queue_size=settings.queue_size, class_images_dir=settings.class_images_dir,
-                                   class_image_steps=settings.class_image_steps, resume_jobs=settings.resume_jobs)
+                                   class_image_steps=settings.class_image_steps, resume_jobs=settings.resume_jobs,
+                                   advertise_address=settings.advertise_address)
         state.manager.start()
 
     def on_shutdown() -> None:
