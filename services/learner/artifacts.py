@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-from services.common.bundle import sha256_file
+from services.common.bundle import MODEL_BUILD_LOCK, sha256_file
 from services.common.images import encode_mask
 
 EMBEDS = "learned_embeds.safetensors"
@@ -95,12 +95,13 @@ def apply_artifacts(pipe, folder: Path) -> dict:
     manifest = read_manifest(folder)
     embeds = load_file(str(folder / EMBEDS))
     dtype = pipe.text_encoder.get_input_embeddings().weight.dtype
-    pipe.load_textual_inversion([{t: v.to(dtype)} for t, v in embeds.items()], token=list(embeds))
-    if manifest.get("unet_delta") == UNET_DELTA:
-        delta = load_file(str(folder / UNET_DELTA))
-        params = dict(pipe.unet.named_parameters())
-        for name, d in delta.items():
-            params[name].add_(d.to(params[name].device, params[name].dtype))
-    elif manifest.get("unet_delta") == LORA:
-        pipe.load_lora_weights(str(folder), weight_name=LORA)
+    with MODEL_BUILD_LOCK:  # new embedding rows and LoRA layers are parameters: see services.common.bundle
+        pipe.load_textual_inversion([{t: v.to(dtype)} for t, v in embeds.items()], token=list(embeds))
+        if manifest.get("unet_delta") == UNET_DELTA:
+            delta = load_file(str(folder / UNET_DELTA))
+            params = dict(pipe.unet.named_parameters())
+            for name, d in delta.items():
+                params[name].add_(d.to(params[name].device, params[name].dtype))
+        elif manifest.get("unet_delta") == LORA:
+            pipe.load_lora_weights(str(folder), weight_name=LORA)
     return manifest

@@ -216,10 +216,15 @@ def ensure_class_images(bundle, prompt: str, count: int, cache_dir: Path, device
 
 def load_components(bundle, device: str):
     """A private copy of the tokenizer, text encoder, UNet, VAE and training scheduler (fp32 master weights)."""
+    root = bundle.root / "diffusion"
+    with MODEL_BUILD_LOCK:  # see services.common.bundle.MODEL_BUILD_LOCK
+        return _load_components(root, device)
+
+
+def _load_components(root: Path, device: str):
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTokenizer
 
-    root = bundle.root / "diffusion"
     try:
         tokenizer = CLIPTokenizer.from_pretrained(str(root / "tokenizer"), local_files_only=True)
         text_encoder = CLIPTextModel.from_pretrained(str(root / "text_encoder"), local_files_only=True,
