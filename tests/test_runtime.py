@@ -377,3 +377,29 @@ def test_settings_doc_is_current():
 
     doc = Path(__file__).resolve().parents[1] / "docs" / "settings.md"
     assert doc.read_text() == settings_markdown(), "regenerate: python -m services.common.settings > docs/settings.md"
+
+
+def test_a_passed_deadline_stops_work_even_before_grpc_marks_the_call_inactive():
+    from services.common.errors import Cancelled, DeadlineExceeded
+    from services.common.interceptors import call_active, ensure_active, iter_with_context_check
+
+    class Context:  # what a busy server sees: the deadline has passed, the event not yet processed
+        def __init__(self, remaining, active):
+            self.remaining, self.active = remaining, active
+
+        def time_remaining(self):
+            return self.remaining
+
+        def is_active(self):
+            return self.active
+
+    expired, cancelled, fine, no_deadline = Context(-0.01, True), Context(5.0, False), Context(5.0, True), Context(None, True)
+    assert not call_active(expired) and not call_active(cancelled)
+    assert call_active(fine) and call_active(no_deadline)
+    with pytest.raises(DeadlineExceeded):
+        ensure_active(expired)
+    with pytest.raises(Cancelled):
+        ensure_active(cancelled)
+    ensure_active(fine)
+    assert list(iter_with_context_check(iter([1, 2]), expired)) == []
+    assert list(iter_with_context_check(iter([1, 2]), fine)) == [1, 2]

@@ -18,7 +18,7 @@ from google.rpc import code_pb2, error_details_pb2, status_pb2
 from grpc_status import rpc_status
 from prometheus_client import Counter, Histogram
 
-from services.common.errors import IceError, InvalidArgument
+from services.common.errors import Cancelled, DeadlineExceeded, IceError, InvalidArgument
 
 log = logging.getLogger("ice.server")
 
@@ -323,9 +323,28 @@ def _parsed_or_raise(request):
     return request
 
 
+def call_active(context: grpc.ServicerContext) -> bool:
+    """False once the client cancelled or the call's deadline passed. The deadline is read from the clock first:
+    gRPC marks a call inactive only when its completion queue gets to the event, which a busy process delays, and
+    work started after the deadline is work nobody waits for."""
+    remaining = context.time_remaining()
+    if remaining is not None and remaining <= 0:
+        return False
+    return context.is_active()
+
+
+def ensure_active(context: grpc.ServicerContext) -> None:
+    """Raise DeadlineExceeded / Cancelled before expensive work whose caller has gone."""
+    remaining = context.time_remaining()
+    if remaining is not None and remaining <= 0:
+        raise DeadlineExceeded("the deadline passed before the work started")
+    if not context.is_active():
+        raise Cancelled("the client cancelled the request")
+
+
 def iter_with_context_check(items: Iterator, context: grpc.ServicerContext) -> Iterator:
     """Stop a server-side loop as soon as the client cancels or its deadline passes."""
     for item in items:
-        if not context.is_active():
+        if not call_active(context):
             return
         yield item

@@ -28,7 +28,7 @@ from services.common.images import (
     encode_png,
     resize_mask,
 )
-from services.common.interceptors import iter_with_context_check
+from services.common.interceptors import call_active, iter_with_context_check
 from services.common.server import ServiceSpec
 from services.common.service import (
     bundle_info,
@@ -349,7 +349,7 @@ class LearnerServicer(learner_pb2_grpc.LearnerServiceServicer):
             else:
                 prompts = G.intrinsic_prompts(manifest, concept_ids)
             for prompt, index, image_seed, image in G.generate(pipe, prompts, num_images, seed, steps, guidance):
-                if not context.is_active():
+                if not call_active(context):
                     return
                 yield learner_pb2.GenerateResponse(prompt=prompt.text, index=index, image=encode_png(image),
                                                    concept_id=prompt.concept_id, attribute=prompt.attribute,

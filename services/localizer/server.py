@@ -6,19 +6,17 @@ import math
 import threading
 import time
 
-import grpc
 from prometheus_client import Histogram
 
 from ice.common.v1 import common_pb2
 from ice.localizer.v1 import localizer_pb2, localizer_pb2_grpc
 from services.common.bundle import Bundle
 from services.common.errors import (
-    Cancelled,
-    DeadlineExceeded,
     InvalidArgument,
     Unavailable,
 )
 from services.common.images import decode_image, encode_mask
+from services.common.interceptors import ensure_active
 from services.common.server import ServiceSpec
 from services.common.service import compute_dtype, precision_name, resolve_device, server_info
 from services.common.settings import LocalizerSettings
@@ -81,15 +79,6 @@ def options_from_proto(msg: localizer_pb2.LocalizeOptions, default_max_concepts:
     )
 
 
-def _check_active(context: grpc.ServicerContext) -> None:
-    if context.is_active():
-        return
-    remaining = context.time_remaining()
-    if remaining is not None and remaining <= 0:
-        raise DeadlineExceeded("the deadline passed between localization rounds")
-    raise Cancelled("the client cancelled the request")
-
-
 class LocalizerServicer(localizer_pb2_grpc.LocalizerServiceServicer):
     def __init__(self, settings: LocalizerSettings):
         self.settings = settings
@@ -119,8 +108,8 @@ class LocalizerServicer(localizer_pb2_grpc.LocalizerServiceServicer):
         image = decode_image(request.image, field="image")
         timings = [("decode", time.perf_counter() - t0)]
         with self._gpu:
-            _check_active(context)
-            result = self.localizer.localize(image, options, check=lambda: _check_active(context))
+            ensure_active(context)  # a call that waited for the model past its deadline is dropped here
+            result = self.localizer.localize(image, options, check=lambda: ensure_active(context))
         timings += result.timings
         t0 = time.perf_counter()
         concepts = [
