@@ -122,3 +122,17 @@ def test_artifacts_load_into_the_pipeline_and_generate(trained, tiny_bundle):
     assert [p.text for p in prompts[1:]] == ["a <#1> texture", "a <%1> material", "a <$1> color", "a <&1>"]
     (prompt, index, seed, image), = list(G.generate(pipe, prompts[:1], 1, 11, steps=2))
     assert image.size == (tiny_bundle.image_size,) * 2 and seed == 11
+
+
+def test_refinement_delta_base_is_the_bundles_own_unet(tiny_bundle):
+    import pytest
+
+    from services.common.errors import BundleError
+    from services.learner.trainer import base_unet_tensors
+
+    state = tiny_bundle.load_diffusion().unet.state_dict()
+    names = [n for n in state if n.endswith(".weight")][:20]
+    base = base_unet_tensors(tiny_bundle, names)
+    assert set(base) == set(names) and all(torch.equal(base[n], state[n]) for n in names)
+    with pytest.raises(BundleError, match="diffusion/unet"):
+        base_unet_tensors(tiny_bundle, ["no.such.weight"])

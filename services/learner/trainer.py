@@ -515,10 +515,8 @@ class Trainer:
     def result(self) -> TrainResult:
         delta = lora = None
         if self.schedule.refinement_steps > 0 and self.spec.refinement == "full":
-            base, *_ = load_components(self.bundle, "cpu")[2:3]
-            base_state = base.state_dict()
-            delta = {n: (p.detach().float().cpu() - base_state[n].float()).contiguous()
-                     for n, p in self.unet_params.items()}
+            base = base_unet_tensors(self.bundle, self.unet_params)
+            delta = {n: (p.detach().float().cpu() - base[n].float()).contiguous() for n, p in self.unet_params.items()}
         elif self.schedule.refinement_steps > 0:
             from diffusers.utils import convert_state_dict_to_diffusers
             from peft.utils import get_peft_model_state_dict
@@ -526,6 +524,22 @@ class Trainer:
             lora = {k: v.detach().float().cpu().contiguous() for k, v in
                     convert_state_dict_to_diffusers(get_peft_model_state_dict(self.unet)).items()}
         return TrainResult(list(self.tokens.specs), self.tokens.embeddings(), delta, lora)
+
+
+def base_unet_tensors(bundle, names) -> dict[str, torch.Tensor]:
+    """The bundle's own UNet weights for `names`, read straight from its safetensors (one file or shards): the
+    refinement delta is taken against them, and building a second model for that would only cost time."""
+    from safetensors import safe_open
+
+    wanted, out = set(names), {}
+    for path in sorted((bundle.root / "diffusion" / "unet").glob("*.safetensors")):
+        with safe_open(str(path), framework="pt") as f:
+            for key in wanted.intersection(f.keys()):
+                out[key] = f.get_tensor(key)
+    missing = wanted - set(out)
+    if missing:
+        raise BundleError(f"{len(missing)} UNet weights not found, e.g. {sorted(missing)[0]}", "diffusion/unet")
+    return out
 
 
 def spec_to_json(spec: LearningSpec) -> dict:
