@@ -70,7 +70,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"demo: {exc}", file=sys.stderr)
         return 2
     options = DEMO
-    if json.loads((a.bundle / "bundle.json").read_text()).get("kind") == "tiny":
+    tiny = json.loads((a.bundle / "bundle.json").read_text()).get("kind") == "tiny"
+    if tiny:
         # random attention maps merge into few segments at the published threshold: merge less
         options = replace(DEMO, localize=replace(DEMO.localize, merge_threshold=0.0008, min_area_fraction=0.0))
     started = time.perf_counter()
@@ -101,10 +102,9 @@ def main(argv: list[str] | None = None) -> int:
         services.stop()
     report = (out / a.photo / "report.html").resolve()
     nouns = ", ".join(c.noun for c in extraction.localization.concepts) or "none"
-    bundle_name = (extraction.learning.bundle.get("name") if extraction.learning else "") or ""
     print(f"\ndemo: done in {time.perf_counter() - started:.0f}s; concepts: {nouns}")
     print(f"demo: the report is {report}\n      open it in a browser: file://{report}")
-    if bundle_name.startswith("tiny"):
+    if tiny:
         print("demo: note: the tiny bundle is random weights; it runs every step, but its concepts, images and "
               "scores carry no meaning.")
     print(ASSEMBLE)
