@@ -111,6 +111,7 @@ class LocalizerServicer(localizer_pb2_grpc.LocalizerServiceServicer):
             ensure_active(context)  # a call that waited for the model past its deadline is dropped here
             result = self.localizer.localize(image, options, check=lambda: ensure_active(context))
         timings += result.timings
+        ensure_active(context)  # the model is checked between rounds; the response is not encoded for nobody
         t0 = time.perf_counter()
         concepts = [
             common_pb2.Concept(
