@@ -3,7 +3,8 @@
 It gives each service, without the service writing any of it:
 - `grpc.health.v1` with liveness and readiness answerable separately: the service names `liveness` and
   `readiness` (and the overall `""` plus each full service name, which follow readiness). Liveness is SERVING
-  as soon as the port is bound; readiness is NOT_SERVING until `spec.load()` has returned.
+  as soon as the port is bound, then follows a heartbeat that the model's device must answer (a hung CUDA call
+  turns it NOT_SERVING); readiness is NOT_SERVING until `spec.load()` has returned.
 - server reflection, Prometheus metrics with the go-grpc-prometheus names on their own HTTP port,
   bearer-token auth, TLS / mutual TLS, explicit message-size, keepalive and connection-age options,
   a concurrency cap (RESOURCE_EXHAUSTED beyond it), domain-error mapping, and graceful shutdown on SIGTERM.
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import signal
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -56,6 +58,13 @@ class ServiceSpec:
     # Polled every second once loaded: False turns readiness NOT_SERVING (e.g. the learner's job store cannot be
     # written) until it is True again. Liveness is unaffected: the process is fine, its dependency is not.
     ready_check: Callable[[], bool] | None = None
+    # Liveness means alive: once loaded, a watchdog runs `heartbeat` every `heartbeat_seconds` on a thread of its
+    # own; while one has not returned within `heartbeat_timeout` seconds (a hung CUDA call, a wedged model) or
+    # raised, liveness is NOT_SERVING, so Kubernetes restarts the pod. The default, `device_heartbeat`, proves
+    # that the model's GPU still completes work; on CPU it proves only that the interpreter runs.
+    heartbeat: Callable[[], None] | None = None
+    heartbeat_seconds: float = 10.0
+    heartbeat_timeout: float = 60.0
 
 
 @dataclass
@@ -116,6 +125,54 @@ class RunningServer:
 
     def wait(self) -> None:
         self.server.wait_for_termination()
+
+
+def device_heartbeat() -> None:
+    """A one-element CUDA op on a stream of its own, waited for: returns once the GPU has run it. Waits for
+    nothing else on the device (the model's kernels on other streams), and does nothing before CUDA is in use."""
+    torch = sys.modules.get("torch")
+    if torch is None or not torch.cuda.is_initialized():
+        return
+    stream = getattr(device_heartbeat, "stream", None)
+    if stream is None:
+        stream = device_heartbeat.stream = torch.cuda.Stream()
+    with torch.cuda.stream(stream):
+        torch.ones(1, device="cuda").add_(1)
+    stream.synchronize()
+
+
+def watch_heartbeat(running: RunningServer) -> None:
+    """Liveness follows the heartbeat (see ServiceSpec.heartbeat) until the server stops."""
+    spec = running.spec
+    check = spec.heartbeat or device_heartbeat
+    outcome: dict[str, bool] = {}
+    pending: threading.Thread | None = None
+    alive = True
+
+    def beat(result: dict[str, bool]) -> None:
+        try:
+            check()
+            result["ok"] = True
+        except Exception:
+            log.exception("%s: heartbeat failed", spec.name)
+            result["ok"] = False
+
+    while not running._stopped.is_set():
+        if pending is None or not pending.is_alive():
+            outcome = {}
+            pending = threading.Thread(target=beat, args=(outcome,), name=f"{spec.name}-heartbeat", daemon=True)
+            pending.start()
+        pending.join(spec.heartbeat_timeout)
+        now = not pending.is_alive() and outcome.get("ok", False)
+        if now != alive and not running._stopped.is_set():
+            if now:
+                log.warning("%s: heartbeat back: liveness -> SERVING", spec.name)
+            else:
+                log.error("%s: no heartbeat within %.0fs: liveness -> NOT_SERVING", spec.name, spec.heartbeat_timeout)
+            status = health_pb2.HealthCheckResponse.SERVING if now else health_pb2.HealthCheckResponse.NOT_SERVING
+            running.health.set(LIVENESS, status)
+            alive = now
+        running._stopped.wait(spec.heartbeat_seconds)
 
 
 def _server_options(settings: Settings) -> list[tuple[str, int]]:
@@ -216,6 +273,7 @@ def start_server(spec: ServiceSpec, settings: Settings, *, load_in_background: b
         BUILD_INFO.labels(spec.name, spec.version, spec.bundle_digest()).set(1)
         running.set_ready(True)
         log.info("%s: ready in %.1fs", spec.name, time.perf_counter() - started)
+        threading.Thread(target=watch_heartbeat, args=(running,), name=f"{spec.name}-liveness", daemon=True).start()
         if spec.ready_check is not None:
             threading.Thread(target=watch_readiness, name=f"{spec.name}-ready", daemon=True).start()
 
