@@ -59,6 +59,8 @@ RETRY_SECONDS = 1.0  # back-off of the runner while the job store cannot be writ
 UNREADY_AFTER_SECONDS = 30.0  # a store unwritable this long turns readiness off (a short blip does not)
 
 QUEUE_DEPTH = Gauge("ice_learner_queue_depth", "Learning jobs waiting to run.")
+ACTIVE_JOBS = Gauge("ice_learner_active_jobs", "Learning jobs queued or running on this replica: the work it holds "
+                    "(the autoscaler's signal; 0 means the replica can be removed without cutting a job).")
 JOB_DURATION = Histogram("ice_learner_job_duration_seconds", "Wall time of a learning job from start to end.",
                          ("outcome",), buckets=(10, 30, 60, 120, 300, 600, 1200, 1800, 3600, 7200, float("inf")))
 TRAIN_STEPS = Counter("ice_learner_train_steps_total", "Training steps completed.", ("phase",))
@@ -221,6 +223,7 @@ class JobManager:
 
     def _update_queue_gauge(self) -> None:
         QUEUE_DEPTH.set(sum(1 for r in self._jobs.values() if r.state == QUEUED))
+        ACTIVE_JOBS.set(sum(1 for r in self._jobs.values() if r.state in (QUEUED, RUNNING)))
 
     def get(self, job_id: str) -> JobRecord:
         with self._cond:
