@@ -29,8 +29,11 @@ $(STAMPS)/torch: $(STAMPS)/venv
 	$(PIP) install torch==2.14.1 torchvision==0.29.1
 	@touch $@
 
-$(STAMPS)/install: $(STAMPS)/torch pyproject.toml
-	$(PIP) install -e '.[dev]'
+# the services (.) depend on the SDK's own distribution (./client: no torch), installed in the same resolve
+$(STAMPS)/install: $(STAMPS)/torch pyproject.toml client/pyproject.toml
+	$(PIP) install -e ./client -e '.[dev]'
+	@# a .venv made before the split: removing the old ice-serving took the `ice` script ice-client had just put
+	@test -x $(VENV)/bin/ice || $(PIP) install --no-deps --force-reinstall -e ./client
 	@touch $@
 
 install: $(STAMPS)/install  ## create .venv and install the project with its dev extras
