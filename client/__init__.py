@@ -4,9 +4,11 @@
     with IceClient(localizer="localhost:50051", learner="localhost:50052", evaluator="localhost:50053") as ice:
         extraction = ice.extract("photo.jpg", out_dir="result/", schedule=Schedule.quick())
 
-`client.local.LocalIce` runs the same extraction in-process on a model bundle, without servers.
+`client.aio.AsyncIceClient` is the same SDK on asyncio (`grpc.aio`); `client.local.LocalIce` runs the same
+extraction in-process on a model bundle, without servers.
 """
 
+from client.aio import AsyncIceClient
 from client.channel import ChannelConfig, RetryPolicy
 from client.errors import IceClientError, JobFailed, ServiceError, ServiceUnavailable
 from client.options import ExtractOptions, GenerateOptions, LocalizeOptions, Schedule
@@ -24,7 +26,7 @@ from client.types import (
 )
 
 __all__ = [
-    "ChannelConfig", "Concept", "EvaluationResult", "ExtractOptions", "Extraction", "GenerateOptions",
+    "AsyncIceClient", "ChannelConfig", "Concept", "EvaluationResult", "ExtractOptions", "Extraction", "GenerateOptions",
     "GeneratedImage", "IceClient", "IceClientError", "Job", "JobFailed", "JobProgress", "LearningResult",
     "LocalizeOptions", "LocalizeResult", "MaskScores", "RetryPolicy", "Schedule", "ServiceError",
     "ServiceUnavailable",

@@ -10,6 +10,9 @@
   loopback development only).
 - Deadlines: `timeout` seconds per unary call; streams that follow a job have none unless asked for.
 - Message sizes set explicitly on both directions (gRPC's default receive limit is 4 MiB).
+
+`open_channel` makes a blocking channel (`IceClient`), `open_aio_channel` the same one for asyncio
+(`AsyncIceClient`).
 """
 
 from __future__ import annotations
@@ -163,3 +166,29 @@ def open_channel(target: str, config: ChannelConfig) -> grpc.Channel:
     if config.token:
         channel = grpc.intercept_channel(channel, _BearerToken(config.token))
     return channel
+
+
+class _AioBearerToken(grpc.aio.UnaryUnaryClientInterceptor, grpc.aio.UnaryStreamClientInterceptor):
+    """`_BearerToken` for `grpc.aio` channels (the SDK makes unary and server-streaming calls only)."""
+
+    def __init__(self, token: str):
+        self._header = ("authorization", f"Bearer {token}")
+
+    def _details(self, details: grpc.aio.ClientCallDetails) -> grpc.aio.ClientCallDetails:
+        metadata = grpc.aio.Metadata(*(tuple(details.metadata) if details.metadata else ()), self._header)
+        return details._replace(metadata=metadata)
+
+    async def intercept_unary_unary(self, continuation, details, request):
+        return await continuation(self._details(details), request)
+
+    async def intercept_unary_stream(self, continuation, details, request):
+        return await continuation(self._details(details), request)
+
+
+def open_aio_channel(target: str, config: ChannelConfig) -> grpc.aio.Channel:
+    """The same channel as `open_channel` (options, retries, TLS, token), for asyncio (`grpc.aio`)."""
+    options = channel_options(config)
+    if config.tls:
+        return grpc.aio.secure_channel(target, _channel_credentials(config), options=options)
+    interceptors = [_AioBearerToken(config.token)] if config.token else None
+    return grpc.aio.insecure_channel(target, options=options, interceptors=interceptors)

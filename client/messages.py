@@ -1,0 +1,337 @@
+"""Everything the synchronous and the asyncio client share about the contract: building each request from the
+SDK's options, and turning each response into the typed results of `client.types`.
+
+`IceClient` (client/sdk.py) and `AsyncIceClient` (client/aio.py) differ only in how a call is made (a blocking
+stub or an awaited `grpc.aio` one); what goes in and what comes out is written here once.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+import grpc
+from google.longrunning import operations_pb2
+
+from client.errors import JobFailed, ServiceError
+from client.options import GenerateOptions, LocalizeOptions, Schedule, image_bytes, mask_png
+from client.types import (
+    ArtifactFile,
+    Concept,
+    ConceptScore,
+    EncoderScores,
+    EvaluationResult,
+    GeneratedImage,
+    JobProgress,
+    LearnedToken,
+    LearningResult,
+    LocalizeResult,
+    MaskMatch,
+    MaskScores,
+)
+from ice.common.v1 import common_pb2
+from ice.evaluator.v1 import evaluator_pb2
+from ice.learner.v1 import learner_pb2
+from ice.localizer.v1 import localizer_pb2
+
+# full gRPC method names, for spans
+LOCALIZER = "ice.localizer.v1.LocalizerService"
+LEARNER = "ice.learner.v1.LearnerService"
+EVALUATOR = "ice.evaluator.v1.EvaluatorService"
+OPERATIONS = "google.longrunning.Operations"
+SERVICE_OF = {"localizer": LOCALIZER, "learner": LEARNER, "evaluator": EVALUATOR}
+
+
+def enum_name(enum, value: int, prefix: str) -> str:
+    try:
+        return enum.Name(value).removeprefix(prefix)
+    except ValueError:
+        return str(value)
+
+
+def enum_value(enum, name: str | None, prefix: str, what: str) -> int:
+    if name is None:
+        return 0
+    key = prefix + name.upper().replace("-", "_")
+    try:
+        return enum.Value(key)
+    except ValueError:
+        known = ", ".join(n.removeprefix(prefix).lower() for n in enum.keys() if not n.endswith("UNSPECIFIED"))
+        raise ValueError(f"unknown {what} {name!r}; one of: {known}") from None
+
+
+def code_name(number: int) -> str:
+    """google.rpc.Status.code (an int) -> "CANCELLED", ..."""
+    return next((c.name for c in grpc.StatusCode if c.value[0] == number), str(number))
+
+
+# --- server info ---------------------------------------------------------------------------------------------
+SERVER_INFO_REQUESTS = {
+    "localizer": localizer_pb2.GetServerInfoRequest,
+    "learner": learner_pb2.GetServerInfoRequest,
+    "evaluator": evaluator_pb2.GetServerInfoRequest,
+}
+
+
+def server_info_dict(response) -> dict[str, Any]:
+    from google.protobuf.json_format import MessageToDict
+
+    return MessageToDict(response.info, preserving_proto_field_name=True)
+
+
+# --- localizer -----------------------------------------------------------------------------------------------
+def localize_request(image: Any, options: LocalizeOptions | None) -> localizer_pb2.LocalizeRequest:
+    opts = (options or LocalizeOptions()).set_fields()
+    refinement = enum_value(localizer_pb2.Refinement, opts.pop("refinement", None), "REFINEMENT_", "refinement")
+    return localizer_pb2.LocalizeRequest(image=image_bytes(image),
+                                         options=localizer_pb2.LocalizeOptions(refinement=refinement, **opts))
+
+
+def concept(c: common_pb2.Concept) -> Concept:
+    return Concept(c.concept_id, c.noun, c.area_fraction, c.round, [(w.word, w.weight) for w in c.retrieval], c.mask)
+
+
+def localize_result(r: localizer_pb2.LocalizeResponse) -> LocalizeResult:
+    return LocalizeResult(
+        concepts=[concept(c) for c in r.concepts],
+        width=r.width,
+        height=r.height,
+        rounds=r.rounds,
+        remaining_fraction=r.remaining_fraction,
+        stop_reason=enum_name(localizer_pb2.StopReason, r.stop_reason, "STOP_REASON_"),
+        timings=[(t.stage, t.seconds) for t in r.timings],
+    )
+
+
+# --- learner -------------------------------------------------------------------------------------------------
+def learning_request(
+    image: Any,
+    concepts: Sequence[Concept] | Sequence[tuple[str, Any]],
+    *,
+    anchors: Sequence[str] = (),
+    schedule: Schedule | None = None,
+    ablation: str | None = None,
+    refinement_delta: str | None = None,
+    lora_rank: int | None = None,
+    seed: int | None = None,
+    request_id: str = "",
+) -> learner_pb2.CreateLearningJobRequest:
+    """The CreateLearningJob request (also what `LocalIce` hands the learner's own request parser)."""
+    inputs = []
+    for i, c in enumerate(concepts):
+        if isinstance(c, Concept):
+            inputs.append(learner_pb2.ConceptInput(noun=c.noun, mask=c.mask_png, concept_id=c.concept_id))
+        else:
+            noun, mask = c
+            inputs.append(learner_pb2.ConceptInput(noun=noun, mask=mask_png(mask), concept_id=f"c{i}"))
+    request = learner_pb2.CreateLearningJobRequest(
+        image=image_bytes(image),
+        concepts=inputs,
+        intrinsic_anchors=list(anchors),
+        schedule=learner_pb2.Schedule(**(schedule or Schedule()).set_fields()),
+        ablation=enum_value(learner_pb2.Ablation, ablation, "ABLATION_", "ablation"),
+        refinement_delta=enum_value(learner_pb2.RefinementDelta, refinement_delta, "REFINEMENT_DELTA_",
+                                    "refinement delta"),
+        request_id=request_id,
+    )
+    if lora_rank is not None:
+        request.lora_rank = lora_rank
+    if seed is not None:
+        request.seed = seed
+    return request
+
+
+def created_job_metadata(op: operations_pb2.Operation) -> learner_pb2.LearningJobMetadata:
+    metadata = learner_pb2.LearningJobMetadata()
+    op.metadata.Unpack(metadata)
+    return metadata
+
+
+def learning_result(r: learner_pb2.LearningJobResult) -> LearningResult:
+    tokens = [LearnedToken(t.token, enum_name(learner_pb2.TokenRole, t.role, "TOKEN_ROLE_"), t.concept_id, t.noun,
+                           t.attribute) for t in r.tokens]
+    artifacts = [ArtifactFile(a.name, a.size_bytes, a.sha256) for a in r.artifacts]
+    b = r.bundle
+    bundle = {"name": b.name, "version": b.version, "sha256": b.sha256, "image_size": b.image_size,
+              "precision": b.precision}
+    return LearningResult(r.job_id, tokens, artifacts, bundle)
+
+
+def progress(m: learner_pb2.LearningJobMetadata, done: bool = False, error=None, response=None) -> JobProgress:
+    return JobProgress(
+        job_id=m.job_id,
+        state=enum_name(learner_pb2.JobState, m.state, "JOB_STATE_"),
+        phase=enum_name(learner_pb2.Phase, m.phase, "PHASE_"),
+        step=m.step,
+        total_steps=m.total_steps,
+        percent=m.percent,
+        losses=dict(m.losses),
+        eta_seconds=m.eta_seconds if m.HasField("eta_seconds") else None,
+        queue_position=m.queue_position,
+        cancel_requested=m.cancel_requested,
+        done=done,
+        error_code=code_name(error.code) if error is not None else None,
+        error_message=error.message if error is not None else None,
+        result=learning_result(response) if response is not None else None,
+    )
+
+
+def watch_progress(r: learner_pb2.WatchLearningJobResponse) -> JobProgress:
+    which = r.WhichOneof("result")
+    return progress(r.metadata, r.done, r.error if which == "error" else None,
+                    r.response if which == "response" else None)
+
+
+def operation_progress(op: operations_pb2.Operation) -> JobProgress:
+    metadata = learner_pb2.LearningJobMetadata()
+    if op.HasField("metadata"):
+        op.metadata.Unpack(metadata)
+    error = op.error if op.HasField("error") else None
+    response = None
+    if op.HasField("response"):
+        response = learner_pb2.LearningJobResult()
+        op.response.Unpack(response)
+    if not metadata.job_id:
+        metadata.job_id = op.name.removeprefix("operations/")
+    return progress(metadata, op.done, error, response)
+
+
+def list_operations_request(page_size: int, page_token: str) -> operations_pb2.ListOperationsRequest:
+    return operations_pb2.ListOperationsRequest(name="operations", page_size=page_size, page_token=page_token)
+
+
+def final_result(last: JobProgress) -> LearningResult:
+    """The result of a job that ended, or `JobFailed`."""
+    if last.state != "SUCCEEDED" or last.result is None:
+        raise JobFailed(last.job_id, last.state, last.error_code or "", last.error_message or "")
+    return last.result
+
+
+def generate_request(job_name: str, kind: str, prompts: Sequence[str], concept_ids: Sequence[str],
+                     options: GenerateOptions | None) -> tuple[learner_pb2.GenerateRequest, str]:
+    """The Generate request and the kind label its images get ("OBJECT_LEVEL", "INTRINSIC", "FREE")."""
+    if prompts and kind != "free":
+        kind = "free"
+    opts = options or GenerateOptions()
+    request = learner_pb2.GenerateRequest(
+        name=job_name,
+        kind=enum_value(learner_pb2.PromptKind, kind, "PROMPT_KIND_", "prompt kind"),
+        prompts=list(prompts),
+        concept_ids=list(concept_ids),
+    )
+    for name in ("num_images", "seed", "num_inference_steps", "guidance_scale"):
+        if getattr(opts, name) is not None:
+            setattr(request, name, getattr(opts, name))
+    return request, kind.upper()
+
+
+def generated_image(r: learner_pb2.GenerateResponse, label: str) -> GeneratedImage:
+    return GeneratedImage(r.prompt, r.index, r.concept_id, r.attribute, r.seed, label, r.image)
+
+
+def safe_join(root: Path, name: str) -> Path:
+    """A server-given relative name under `root`; refuses absolute paths, `..` and NUL bytes."""
+    parts = Path(name).parts
+    if not parts or Path(name).is_absolute() or ".." in parts or "\x00" in name:
+        raise ValueError(f"refusing artifact path {name!r}")
+    return root.joinpath(*parts)
+
+
+class ArtifactWriter:
+    """Writes the GetArtifacts stream: each file to `name.part`, checked against its sha256, then renamed."""
+
+    def __init__(self, out_dir: str | Path, target: str):
+        self.out_dir = Path(out_dir)
+        self.target = target
+        self.written: list[Path] = []
+        self._handle = None
+        self._digest = None
+        self._path: Path | None = None
+        self._tmp: Path | None = None
+
+    def add(self, chunk: learner_pb2.GetArtifactsResponse) -> None:
+        if self._handle is None:
+            self._path = safe_join(self.out_dir, chunk.file_name)
+            self._path.parent.mkdir(parents=True, exist_ok=True)
+            self._tmp = self._path.with_name(self._path.name + ".part")
+            self._handle, self._digest = open(self._tmp, "wb"), hashlib.sha256()
+        self._handle.write(chunk.chunk)
+        self._digest.update(chunk.chunk)
+        if chunk.last_chunk:
+            self._handle.close()
+            self._handle = None
+            if chunk.sha256 and self._digest.hexdigest() != chunk.sha256:
+                raise ServiceError("learner", self.target, grpc.StatusCode.DATA_LOSS,
+                                   f"artifact {chunk.file_name} arrived with a different sha256")
+            os.replace(self._tmp, self._path)
+            self.written.append(self._path)
+
+    def close(self) -> None:
+        """Drop a file left half-written by an interrupted stream."""
+        if self._handle is not None:
+            self._handle.close()
+            self._handle = None
+            Path(self._tmp).unlink(missing_ok=True)
+
+
+# --- evaluator -----------------------------------------------------------------------------------------------
+def evaluate_request(
+    source_image: Any,
+    concepts: Sequence[tuple[str, Any, Sequence[Any]]],
+    composition_images: Sequence[Any] = (),
+    encoders: Sequence[str] = (),
+    background_fill: str | None = None,
+    crop: str | None = None,
+) -> evaluator_pb2.EvaluateRequest:
+    options = evaluator_pb2.EvaluateOptions(
+        encoders=[enum_value(common_pb2.Encoder, e, "ENCODER_", "encoder") for e in encoders],
+        background_fill=enum_value(evaluator_pb2.BackgroundFill, background_fill, "BACKGROUND_FILL_",
+                                   "background fill"),
+        crop=enum_value(evaluator_pb2.Crop, crop, "CROP_", "crop"),
+    )
+    return evaluator_pb2.EvaluateRequest(
+        source_image=image_bytes(source_image),
+        concepts=[evaluator_pb2.ConceptSamples(concept_id=cid, mask=mask_png(mask),
+                                               images=[image_bytes(i) for i in images])
+                  for cid, mask, images in concepts],
+        composition_images=[image_bytes(i) for i in composition_images],
+        options=options,
+    )
+
+
+def encoder_scores(s: evaluator_pb2.EncoderScores) -> EncoderScores:
+    return EncoderScores(
+        encoder=enum_name(common_pb2.Encoder, s.encoder, "ENCODER_"),
+        sim_i=s.sim_i,
+        sim_c=s.sim_c if s.HasField("sim_c") else None,
+        acc1=s.acc1,
+        acc3=s.acc3,
+        concepts=[ConceptScore(c.concept_id, c.sim_i, c.acc1, c.acc3, c.rank) for c in s.concepts],
+    )
+
+
+def evaluation_result(r: evaluator_pb2.EvaluateResponse) -> EvaluationResult:
+    return EvaluationResult([encoder_scores(s) for s in r.scores])
+
+
+def score_masks_request(predicted: Sequence[Any], ground_truth: Sequence[Any]) -> evaluator_pb2.ScoreMasksRequest:
+    return evaluator_pb2.ScoreMasksRequest(predicted=[mask_png(m) for m in predicted],
+                                           ground_truth=[mask_png(m) for m in ground_truth])
+
+
+def mask_scores(r: evaluator_pb2.ScoreMasksResponse) -> MaskScores:
+    return MaskScores(r.miou, r.recall, r.precision,
+                      [MaskMatch(m.predicted_index, m.ground_truth_index, m.iou) for m in r.matches])
+
+
+def evaluation_inputs(extraction_concepts: Iterable[Concept], generated: Sequence[GeneratedImage]):
+    """(concept_id, mask, images) per concept: its object-level images are the samples of SIM^I and ACC."""
+    out = []
+    for c in extraction_concepts:
+        images = [g.image_png for g in generated if g.concept_id == c.concept_id and g.kind == "OBJECT_LEVEL"]
+        if images:
+            out.append((c.concept_id, c.mask_png, images))
+    return out
