@@ -11,7 +11,8 @@
     ice score-masks --predicted a.png b.png --ground-truth g1.png g2.png
 
 Exit codes: 0 success; 1 a service refused the work or a job failed; 2 bad usage, a file that is not an
-image, an output folder that cannot be written; 3 a service cannot be reached; 130 interrupted.
+image, an output folder that cannot be written; 3 a service cannot be reached; 130 interrupted; 143 `ice batch`
+stopped by SIGTERM.
 Errors are one line on stderr ("ice: cannot reach the localizer at localhost:50051: ..."); with `--json` the
 result (or {"error": ...}) is printed as JSON on stdout.
 """
@@ -30,6 +31,7 @@ from typing import Any
 from client.errors import IceClientError, JobFailed, ServiceError, ServiceUnavailable
 
 EXIT_FAILED, EXIT_USAGE, EXIT_UNREACHABLE, EXIT_INTERRUPTED = 1, 2, 3, 130
+EXIT_TERMINATED = 143
 
 
 class UsageError(Exception):
@@ -351,9 +353,10 @@ def cmd_score_masks(a) -> int:
 
 def cmd_batch(a) -> int:
     from client.batch import list_items, run_batch
+    from client.storage import Store, is_url
 
     try:
-        items = list_items(Path(a.source))
+        items = list_items(a.source if is_url(a.source) else Path(a.source))
     except (OSError, ValueError) as exc:
         raise UsageError(str(exc)) from None
     if not items:
@@ -362,15 +365,25 @@ def cmd_batch(a) -> int:
     shard_index = a.shard_index if a.shard_index is not None else int(os.environ.get("JOB_COMPLETION_INDEX", 0))
     if shard_count < 1 or not 0 <= shard_index < shard_count:
         raise UsageError(f"--shard-index {shard_index} must be in [0, --shard-count {shard_count})")
-    out = writable_dir(a.out)
+    if is_url(a.out):  # object storage: results, markers and summaries are written there
+        try:
+            out = Store(a.out)
+            out.check_writable()
+        except OSError as exc:
+            raise UsageError(f"cannot write to the output location {a.out}: {exc}") from None
+        a.out = Path(tempfile.mkdtemp(prefix="ice-batch-"))  # --local: the in-process learner's working files
+    else:
+        a.out = writable_dir(a.out)
+        out = Store(a.out)
     backend = _backend(a)
     concurrency = 1 if a.local else a.concurrency  # one model in this process: one item at a time
-    summary = run_batch(backend, items, out, _extract_options(a), concurrency, shard_index, shard_count)
+    summary = run_batch(backend, items, out, _extract_options(a), concurrency, shard_index, shard_count,
+                        on_sigterm=a.on_sigterm)
     text = (f"{summary['done']} of {summary['items']} item(s) done ({len(summary['skipped'])} from earlier runs), "
-            f"{len(summary['failed'])} failed, {len(summary['pending'])} not done; index: {out / 'index.html'}")
+            f"{len(summary['failed'])} failed, {len(summary['pending'])} not done; index: {out.url('index.html')}")
     _emit(a, summary, text)
     if summary["interrupted"]:
-        return EXIT_INTERRUPTED
+        return EXIT_TERMINATED if summary["stopped_by"] == "SIGTERM" else EXIT_INTERRUPTED
     return EXIT_FAILED if summary["failed"] else 0
 
 
@@ -481,9 +494,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("batch", parents=[conn, local, loc, sched, gen, extract_only],
                        help="extract every image of a folder or manifest, resumably")
-    p.add_argument("source", type=Path, help="folder of images, or a manifest (one path per line, or JSON lines)")
-    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("source", help="folder of images, or a manifest (one path per line, or JSON lines); a local "
+                                  "path or a URL: s3://, gs://, az://, file://")
+    p.add_argument("--out", required=True, help="results folder: a local path or a URL (s3://, gs://, az://)")
     p.add_argument("--concurrency", type=int, default=2, help="items in flight (with services)")
+    p.add_argument("--on-sigterm", choices=["hand-back", "cancel"], default="hand-back",
+                   help="on SIGTERM (eviction, Job deletion): leave the learning jobs in flight running for a retry "
+                        "to pick up, or cancel them (Ctrl-C always cancels)")
     p.add_argument("--shard-index", type=int, help="this worker's shard [env JOB_COMPLETION_INDEX; 0]")
     p.add_argument("--shard-count", type=int, default=int(os.environ.get("ICE_SHARD_COUNT", 1)),
                    help="number of shards [env ICE_SHARD_COUNT; 1]")
