@@ -60,7 +60,14 @@ $(STAMPS)/chromium:
 	command -v chromium >/dev/null 2>&1 || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; }
 	@touch $@
 
-test: $(STAMPS)/install $(STAMPS)/chromium k8s-validate  ## run the whole test suite
+# the Node.js client of the contract and the buf CLI (tests/interop): npm packages from the committed lock file
+$(STAMPS)/npm: tests/interop/node/package-lock.json
+	@mkdir -p $(STAMPS)
+	command -v npm >/dev/null 2>&1 || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nodejs npm >/dev/null; }
+	cd tests/interop/node && npm ci --no-audit --no-fund --loglevel=error
+	@touch $@
+
+test: $(STAMPS)/install $(STAMPS)/chromium $(STAMPS)/npm k8s-validate  ## run the whole test suite
 	$(PY) -m pytest -q
 
 k8s-validate: $(STAMPS)/install  ## render every k8s overlay and Job; validate with kubernetes-validate --strict

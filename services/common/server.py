@@ -201,6 +201,16 @@ def _credentials(settings: Settings) -> grpc.ServerCredentials | None:
     return grpc.ssl_server_credentials([(key, cert)], root_certificates=client_ca, require_client_auth=client_ca is not None)
 
 
+def _tracing_on(service: str) -> bool:
+    """OpenTelemetry: on when `OTEL_TRACES_EXPORTER` names an exporter (or a tracer provider already exists)."""
+    from services.common.tracing import TracingConfigError, configure_for
+
+    try:
+        return configure_for(service)
+    except TracingConfigError as exc:
+        raise SystemExit(f"{service}: {exc}") from exc
+
+
 def start_server(spec: ServiceSpec, settings: Settings, *, load_in_background: bool = True) -> RunningServer:
     """Bind, start serving health at once, then load the models (in a thread unless told otherwise)."""
     holder: dict[str, RunningServer] = {}
@@ -214,6 +224,10 @@ def start_server(spec: ServiceSpec, settings: Settings, *, load_in_background: b
     if token:
         interceptors.append(AuthInterceptor(token))
     interceptors += [ReadinessInterceptor(is_ready), ErrorInterceptor()]
+    if _tracing_on(spec.name):  # outermost: the RPC's span covers auth, readiness and error mapping too
+        from services.common.tracing import TracingInterceptor
+
+        interceptors.insert(0, TracingInterceptor(spec.name))
 
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=settings.max_workers, thread_name_prefix=f"{spec.name}-rpc"),

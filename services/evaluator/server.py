@@ -19,6 +19,7 @@ from services.common.images import decode_image, decode_mask
 from services.common.server import ServiceSpec
 from services.common.service import resolve_device, server_info, server_version
 from services.common.settings import EvaluatorSettings
+from services.common.tracing import tracer
 from services.evaluator.encoders import CLIP, DINO, Embedder, load_encoders
 from services.evaluator.masks import score_masks
 from services.evaluator.metrics import ConceptInput, ItemInput, Protocol, Scores, SetEvaluation, evaluate
@@ -26,6 +27,7 @@ from services.evaluator.metrics import ConceptInput, ItemInput, Protocol, Scores
 log = logging.getLogger("ice.evaluator")
 
 SERVICE = evaluator_pb2.DESCRIPTOR.services_by_name["EvaluatorService"].full_name
+TRACER = tracer("evaluator")
 MAX_MASKS = 256  # per side of a ScoreMasks request (the proto's limit)
 MAX_CONCEPT_ID_CHARS = 64  # as the learner allows
 
@@ -118,7 +120,9 @@ class EvaluatorServicer(evaluator_pb2_grpc.EvaluatorServiceServicer):
     def Evaluate(self, request: pb.EvaluateRequest, context) -> pb.EvaluateResponse:
         protocol, names = self._options(request.options, "options")
         item = self._item("", request.source_image, request.concepts, request.composition_images)
-        scores = evaluate(item, self.embedder, names, protocol)
+        with TRACER.start_as_current_span("evaluate", attributes={
+                "ice.concepts": len(item.concepts), "ice.encoders": list(names)}):
+            scores = evaluate(item, self.embedder, names, protocol)
         return pb.EvaluateResponse(scores=[_encoder_scores(n, scores[n]) for n in names])
 
     def EvaluateSet(self, request_iterator, context) -> pb.EvaluateSetResponse:

@@ -39,6 +39,7 @@ from services.common.service import (
     server_version,
 )
 from services.common.settings import LearnerSettings
+from services.common.tracing import tracer
 from services.learner import generate as G
 from services.learner.artifacts import ArtifactFile, read_manifest
 from services.learner.jobs import CANCELLED, FAILED, QUEUED, SUCCEEDED, JobManager, JobRecord, artifact_files
@@ -55,6 +56,7 @@ from services.learner.trainer import (
 )
 
 SERVICE = "ice.learner.v1.LearnerService"
+TRACER = tracer("learner")
 OPERATIONS = "google.longrunning.Operations"
 CHUNK = 1 << 20
 _CONCEPT_ID = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
@@ -348,12 +350,18 @@ class LearnerServicer(learner_pb2_grpc.LearnerServiceServicer):
                 prompts = G.object_level_prompts(manifest, concept_ids)
             else:
                 prompts = G.intrinsic_prompts(manifest, concept_ids)
-            for prompt, index, image_seed, image in G.generate(pipe, prompts, num_images, seed, steps, guidance):
-                if not call_active(context):
-                    return
-                yield learner_pb2.GenerateResponse(prompt=prompt.text, index=index, image=encode_png(image),
-                                                   concept_id=prompt.concept_id, attribute=prompt.attribute,
-                                                   seed=image_seed)
+            span = TRACER.start_span("generate", attributes={  # ends with the stream (never made current)
+                "ice.job_id": r.id, "ice.prompt_kind": learner_pb2.PromptKind.Name(kind), "ice.prompts": len(prompts),
+                "ice.images_per_prompt": num_images, "ice.inference_steps": steps})
+            try:
+                for prompt, index, image_seed, image in G.generate(pipe, prompts, num_images, seed, steps, guidance):
+                    if not call_active(context):
+                        return
+                    yield learner_pb2.GenerateResponse(prompt=prompt.text, index=index, image=encode_png(image),
+                                                       concept_id=prompt.concept_id, attribute=prompt.attribute,
+                                                       seed=image_seed)
+            finally:
+                span.end()
 
     def GetServerInfo(self, request, context):
         s = self.state
@@ -415,10 +423,14 @@ def build_spec(settings: LearnerSettings) -> ServiceSpec:
         state.device = resolve_device(settings.device)
         state.precision = precision_name(compute_dtype(state.device))
         state.bundle = Bundle.open(settings.bundle, verify_hashes=settings.verify_bundle_hashes)
-        state.manager = JobManager(settings.job_store, state.bundle, device=state.device,
-                                   queue_size=settings.queue_size, class_images_dir=settings.class_images_dir,
-                                   class_image_steps=settings.class_image_steps, resume_jobs=settings.resume_jobs,
-                                   advertise_address=settings.advertise_address)
+        from client.tracing import is_configured
+        from services.learner.tracing import TracedJobManager
+
+        manager = TracedJobManager if is_configured() else JobManager  # a `learn` span per job, in its creator's trace
+        state.manager = manager(settings.job_store, state.bundle, device=state.device,
+                                queue_size=settings.queue_size, class_images_dir=settings.class_images_dir,
+                                class_image_steps=settings.class_image_steps, resume_jobs=settings.resume_jobs,
+                                advertise_address=settings.advertise_address)
         state.manager.start()
 
     def on_shutdown() -> None:

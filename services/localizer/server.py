@@ -20,10 +20,12 @@ from services.common.interceptors import ensure_active
 from services.common.server import ServiceSpec
 from services.common.service import compute_dtype, precision_name, resolve_device, server_info
 from services.common.settings import LocalizerSettings
+from services.common.tracing import record_localize_stages, timed_span, tracer
 from services.localizer.pipeline import LocalizeOptions, Localizer
 from services.localizer.retriever import onnx_providers
 
 SERVICE = localizer_pb2.DESCRIPTOR.services_by_name["LocalizerService"].full_name
+TRACER = tracer("localizer")
 
 STAGE_SECONDS = Histogram(
     "ice_localizer_stage_seconds",
@@ -104,12 +106,20 @@ class LocalizerServicer(localizer_pb2_grpc.LocalizerServiceServicer):
         if self.localizer is None:
             raise Unavailable("the models are not loaded yet")
         options = options_from_proto(request.options, self.settings.max_concepts)
-        t0 = time.perf_counter()
+        t0, decode_ns = time.perf_counter(), time.time_ns()
         image = decode_image(request.image, field="image")
         timings = [("decode", time.perf_counter() - t0)]
+        timed_span(TRACER, "decode", decode_ns)
+        round_starts: list[int] = []  # wall-clock start of each round, for the stage spans
+
+        def check() -> None:
+            round_starts.append(time.time_ns())
+            ensure_active(context)
+
         with self._gpu:
             ensure_active(context)  # a call that waited for the model past its deadline is dropped here
-            result = self.localizer.localize(image, options, check=lambda: ensure_active(context))
+            result = self.localizer.localize(image, options, check=check)
+        record_localize_stages(TRACER, result.timings, round_starts, time.time_ns())
         timings += result.timings
         ensure_active(context)  # the model is checked between rounds; the response is not encoded for nobody
         t0 = time.perf_counter()
@@ -125,6 +135,7 @@ class LocalizerServicer(localizer_pb2_grpc.LocalizerServiceServicer):
             for i, c in enumerate(result.concepts)
         ]
         timings.append(("encode", time.perf_counter() - t0))
+        timed_span(TRACER, "encode", time.time_ns() - int(timings[-1][1] * 1e9))
         for stage, seconds in timings:
             STAGE_SECONDS.labels(stage).observe(seconds)
         return localizer_pb2.LocalizeResponse(
