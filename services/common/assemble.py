@@ -47,6 +47,21 @@ def _noop(_: str) -> None:
 
 def staging_dir(out: Path, force: bool) -> Path:
     out = Path(out)
+    # A bundle is staged beside `out` and renamed into place: neither works when `out` is the root of a mounted
+    # volume (the sibling is on another, often read-only, file system; a mount point cannot be renamed).
+    target = os.path.realpath(out)
+    mounted = os.path.ismount(target)
+    try:  # a bind mount of the same file system (a Kubernetes subPath) keeps st_dev: ask the kernel's table
+        escaped = target
+        for char, code in (("\\", "\\134"), (" ", "\\040"), ("\t", "\\011"), ("\n", "\\012")):
+            escaped = escaped.replace(char, code)  # as mountinfo writes them
+        with open("/proc/self/mountinfo") as f:
+            mounted = mounted or any(line.split(" ")[4] == escaped for line in f)
+    except (OSError, IndexError):
+        pass
+    if mounted:
+        raise ValueError(f"{out} is a mount point: write the bundle into a directory inside it "
+                         f"(for example --out {out / 'bundle-v1'})")
     if out.exists() and (not out.is_dir() or any(out.iterdir())) and not force:
         raise FileExistsError(f"{out} exists and is not empty (use --force to replace it)")
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -247,13 +262,18 @@ def finalize_bundle(
     kind: str,
     precision: str,
     image_mean_from: str | Path | None = None,
+    recommended: dict | None = None,
     progress: Progress = _noop,
 ) -> dict:
-    """Given diffusion/, clip/{config,weights}, dino/ and vocab/vocab.tsv in `root`: export ONNX, embed the
-    vocabulary and the image mean, write bundle.json. Returns the bundle info."""
+    """Given diffusion/, clip/{config,weights}, dino/ and vocab/vocab.tsv in `root`: convert the weights to
+    `precision`, export ONNX, embed the vocabulary and the image mean, write the recommended options and
+    bundle.json. Returns the bundle info."""
     from safetensors.torch import save_file
 
     root = Path(root)
+    convert_bundle_weights(root, precision, progress)
+    if recommended:
+        write_recommended_file(root, recommended)
     cfg = B.normalise_open_clip_config(json.loads((root / B.CLIP_CONFIG).read_text()))
     (root / B.CLIP_CONFIG).write_text(json.dumps(cfg, indent=2) + "\n")
     model = B.build_open_clip_model(cfg)
@@ -314,19 +334,82 @@ def finalize_bundle(
     )
 
 
+def write_recommended_file(root: Path, recommended: dict) -> None:
+    for key, value in recommended.items():
+        if key not in B.RECOMMENDED_SECTIONS or not isinstance(value, dict):
+            raise BundleError(f"{key!r} is not one of {B.RECOMMENDED_SECTIONS} with an object value",
+                              B.RECOMMENDED_JSON)
+    (Path(root) / B.RECOMMENDED_JSON).write_text(json.dumps(recommended, indent=2, sort_keys=True) + "\n")
+
+
+def set_recommended(root: str | Path, recommended: dict) -> dict:
+    """Replace a finished bundle's recommended options and re-hash it (its digest changes: it is a new bundle
+    version). Returns the new bundle info."""
+    root = Path(root)
+    info = json.loads((root / B.BUNDLE_JSON).read_text())
+    write_recommended_file(root, recommended)
+    return write_bundle_json(root, name=info["name"], version=info["version"], kind=info["kind"],
+                             precision=info["precision"], components=info["components"])
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # assemble from real weights
 
 
 def _place(src: Path, dst: Path, link: bool) -> None:
+    """Hard-link `src` to `dst` when allowed and the file is already readable by everyone (a bundle is read by
+    other users, e.g. a container's non-root user, and a hard link shares its source's mode); else copy."""
     dst.parent.mkdir(parents=True, exist_ok=True)
-    if link:
+    if link and src.stat().st_mode & 0o044 == 0o044:
         try:
             os.link(src, dst)
             return
         except OSError:
             pass
     shutil.copyfile(src, dst)
+
+
+# Weights kept in float32 whatever the bundle's precision: the VAE (its decoder overflows in float16 on large
+# activations, which is why diffusers' own fp16 pipelines upcast it), and everything that is not a model
+# (vocabulary embeddings, the ONNX encoder is exported in float32 anyway).
+KEEP_FLOAT32 = ("vae",)
+_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def convert_weights(path: Path, precision: str) -> int:
+    """Rewrite a safetensors file with its floating-point tensors in `precision` (in place, atomically).
+    Returns the number of bytes saved. Integer tensors (position ids, ...) are kept as they are."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    dtype = _DTYPES[precision]
+    before = path.stat().st_size
+    with safe_open(str(path), framework="pt") as f:
+        metadata = f.metadata() or {}
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    out = {k: (v.to(dtype) if v.is_floating_point() else v).contiguous() for k, v in tensors.items()}
+    tmp = path.with_name(path.name + ".tmp")
+    save_file(out, str(tmp), metadata=metadata)
+    os.replace(tmp, path)
+    return before - path.stat().st_size
+
+
+def convert_bundle_weights(root: Path, precision: str, progress: Progress = _noop) -> None:
+    """Store the bundle's model weights in `precision` (float16/bfloat16), except `KEEP_FLOAT32`. The services
+    load them into their compute dtype (float32 on a CPU, bfloat16 on a GPU) whatever is stored."""
+    if precision == "float32":
+        return
+    files = [p for p in sorted((root / B.DIFFUSION_DIR).rglob("*.safetensors"))
+             if p.relative_to(root / B.DIFFUSION_DIR).parts[0] not in KEEP_FLOAT32]
+    files += [root / B.CLIP_WEIGHTS, *sorted((root / B.DINO_DIR).rglob("*.safetensors"))]
+    saved = 0
+    for p in files:
+        if p.stat().st_nlink > 1:  # never rewrite a hard-linked source in place
+            data = p.read_bytes()
+            p.unlink()
+            p.write_bytes(data)
+        saved += convert_weights(p, precision)
+    progress(f"stored {len(files)} weight files in {precision} ({saved / 1e6:.1f} MB saved; the VAE stays float32)")
 
 
 def _is_variant(name: str) -> bool:
@@ -376,6 +459,8 @@ def assemble_bundle(
     precision: str = "float16",
     force: bool = False,
     link: bool = True,
+    recommended: dict | None = None,
+    kind: str = "assembled",
     progress: Progress = _noop,
 ) -> Path:
     """Build a bundle at `out` from local weights (see the module docstring). Returns `out`."""
@@ -440,9 +525,10 @@ def assemble_bundle(
             tmp,
             name=name or out.name,
             version=version,
-            kind="assembled",
+            kind=kind,
             precision=precision,
             image_mean_from=image_mean_from,
+            recommended=recommended,
             progress=progress,
         )
         commit_staging(tmp, out)

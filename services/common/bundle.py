@@ -12,6 +12,9 @@ A bundle is a directory::
     dino/                            a transformers ViTModel (config.json, model.safetensors, preprocessor_config.json)
     vocab/vocab.tsv                  header ``word\\tpos\\tfrequency``; pos in {noun, adjective, verb, other};
                                      frequency = corpus count (higher = more common)
+    recommended.json                 optional: this bundle's own defaults for options a request leaves unset,
+                                     {"localize": {...}, "learn": {...}, "schedule": {...}, "generate": {...}}
+                                     (e.g. a DiffSeg merge threshold calibrated for this UNet's attention)
     vocab/embeddings.safetensors     ``text`` [V,D]: the SpLiCE dictionary (CLIP text embedding of each word alone,
                                      L2-normalised, centred on the mean over words, L2-normalised again);
                                      ``image_mean`` [D]: mean of L2-normalised CLIP image embeddings
@@ -75,6 +78,8 @@ CLIP_ONNX = "clip/image_encoder.onnx"
 DINO_DIR = "dino"
 VOCAB_TSV = "vocab/vocab.tsv"
 VOCAB_EMBEDDINGS = "vocab/embeddings.safetensors"
+RECOMMENDED_JSON = "recommended.json"  # optional: the bundle's own defaults for request options
+RECOMMENDED_SECTIONS = ("localize", "learn", "schedule", "generate")
 
 # Keys of open_clip_config.json that are ours and not arguments of open_clip's model constructors.
 _CLIP_OWN_KEYS = {"model_name", "preprocess_cfg", "custom_text"}
@@ -440,7 +445,43 @@ class Bundle:
         done.append(
             f"vocabulary ({len(vocab)} words, {int(vocab.nouns_mask().sum())} nouns, dim {vocab.dim})"
         )
+        recommended = {s: self.recommended(s) for s in RECOMMENDED_SECTIONS}
+        if any(recommended.values()):
+            done.append("recommended options: " + "; ".join(
+                f"{s} {', '.join(f'{k}={v}' for k, v in values.items())}" for s, values in recommended.items() if values))
         return done
+
+    # -- recommended options ------------------------------------------------------------------------------------
+
+    def recommended(self, section: str) -> dict[str, Any]:
+        """The bundle's recommended values for one section of the request options ("localize", "learn",
+        "schedule", "generate"): the defaults where a request leaves a field unset. {} when it has none."""
+        if section not in RECOMMENDED_SECTIONS:
+            raise ValueError(f"unknown section {section!r}")
+
+        def build():
+            if RECOMMENDED_JSON not in self.info["files"]:
+                return {}
+            data = _read_json(self.root, RECOMMENDED_JSON)
+            for key, value in data.items():
+                if key not in RECOMMENDED_SECTIONS or not isinstance(value, dict):
+                    raise BundleError(f"{key!r} is not one of {RECOMMENDED_SECTIONS} with an object value",
+                                      RECOMMENDED_JSON)
+            return data
+
+        return dict(self._cached("recommended", build).get(section) or {})
+
+    def recommended_defaults(self, section: str, base):
+        """`base` (a dataclass of options) with this bundle's recommended values of `section` applied; a key
+        that is not a field of `base` is a BundleError (a typo must not be silently ignored)."""
+        import dataclasses
+
+        values = self.recommended(section)
+        names = {f.name for f in dataclasses.fields(base)}
+        unknown = sorted(set(values) - names)
+        if unknown:
+            raise BundleError(f"unknown {section} option(s) {unknown}", RECOMMENDED_JSON)
+        return dataclasses.replace(base, **values)
 
     # -- components -----------------------------------------------------------------------------------------------
 
@@ -562,6 +603,7 @@ class Bundle:
                     local_files_only=True,
                     use_safetensors=True,
                     add_pooling_layer=False,
+                    dtype=torch.float32,  # whatever the stored precision (float16 bundles)
                 )
             except Exception as e:  # noqa: BLE001
                 raise BundleError(f"cannot load the DINO model: {e}", DINO_DIR) from None

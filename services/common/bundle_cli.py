@@ -66,11 +66,29 @@ def _parser() -> argparse.ArgumentParser:
     a.add_argument("--version", default="1")
     a.add_argument("--precision", default="float16", choices=["float32", "float16", "bfloat16"])
     a.add_argument("--copy", action="store_true", help="copy files instead of hard-linking them")
+    a.add_argument("--recommended", type=Path, default=None,
+                   help="JSON of this bundle's own defaults for request options "
+                        '({"localize": {"merge_threshold": 0.005}, "schedule": {...}, "generate": {...}})')
+    a.add_argument("--kind", default="assembled", help=argparse.SUPPRESS)
     a.add_argument("--force", action="store_true", help="replace --out if it exists")
 
     v = sub.add_parser("verify", help="check hashes and load every component")
     v.add_argument("dir", type=Path)
     return p
+
+
+def _read_recommended(path: Path | None) -> dict | None:
+    import json
+
+    if path is None:
+        return None
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise BundleError(f"cannot read the recommended options: {e}", str(path)) from None
+    if not isinstance(data, dict):
+        raise BundleError("expected a JSON object", str(path))
+    return data
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -100,6 +118,8 @@ def main(argv: list[str] | None = None) -> int:
                 precision=args.precision,
                 force=args.force,
                 link=not args.copy,
+                recommended=_read_recommended(args.recommended),
+                kind=args.kind,
                 progress=_say,
             )
             _summary(args.out, t0)
