@@ -3,7 +3,7 @@ call's metadata), and the helpers the servicers use for their stage spans.
 
 Off by default: `start_server` installs the interceptor only once a tracer provider exists, which
 `configure_from_env` (client/tracing.py) installs when `OTEL_TRACES_EXPORTER` names an exporter (`otlp`,
-`console`, ...; every other setting comes from the standard `OTEL_*` variables, see docs/settings.md). Each
+`console`, ...; every other setting comes from the standard `OTEL_*` variables, see docs/client.md). Each
 process is its own `service.name` (`ice-localizer`, `ice-learner`, `ice-evaluator` unless `OTEL_SERVICE_NAME`
 says otherwise); spans of each service come from a tracer of the same name.
 """

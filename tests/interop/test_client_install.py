@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -26,11 +27,15 @@ def _size_mb(folder: Path) -> float:
 
 
 def test_client_only_virtualenv_runs_ice_extract(interop_services, photo_file, tmp_path):
-    wheels, venv, work = tmp_path / "wheels", tmp_path / "venv", tmp_path / "work"
+    wheels, venv, work, src = tmp_path / "wheels", tmp_path / "venv", tmp_path / "work", tmp_path / "src"
     work.mkdir()
-    # the wheel of ./client, then a virtualenv with nothing but it and what it declares (pip's own cache serves
-    # the dependencies; the pip of this environment installs into the new one, which gets no pip of its own)
-    _run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "-w", wheels, REPO / "client"])
+    # the wheel of ./client (built from a copy: setuptools writes its build folder beside the sources), then a
+    # virtualenv with nothing but it and what it declares (pip's own cache serves the dependencies; the pip of
+    # this environment installs into the new one, which gets no pip of its own)
+    skip = shutil.ignore_patterns("build", "*.egg-info", "__pycache__")
+    shutil.copytree(REPO / "client", src / "client", ignore=skip)
+    shutil.copytree(REPO / "protos" / "ice", src / "protos" / "ice", ignore=shutil.ignore_patterns("__pycache__"))
+    _run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "-w", wheels, src / "client"])
     (wheel,) = wheels.glob("ice_client-*.whl")
     _run([sys.executable, "-m", "venv", "--without-pip", venv])
     python = venv / "bin" / "python"
