@@ -35,7 +35,7 @@ def test_client_only_virtualenv_runs_ice_extract(interop_services, photo_file, t
     skip = shutil.ignore_patterns("build", "*.egg-info", "__pycache__")
     shutil.copytree(REPO / "client", src / "client", ignore=skip)
     shutil.copytree(REPO / "protos" / "ice", src / "protos" / "ice", ignore=shutil.ignore_patterns("__pycache__"))
-    _run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "-w", wheels, src / "client"])
+    _run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "-w", wheels, src / "client"])
     (wheel,) = wheels.glob("ice_client-*.whl")
     _run([sys.executable, "-m", "venv", "--without-pip", venv])
     python = venv / "bin" / "python"
@@ -47,12 +47,14 @@ def test_client_only_virtualenv_runs_ice_extract(interop_services, photo_file, t
                                 env=env).stdout)
     names = {p["name"].lower() for p in installed}
     assert "ice-client" in names and not names & set(HEAVY), names
-    probe = _run([python, "-c", "import importlib.util as u, json, client, ice.learner.v1.learner_pb2 as pb;"
+    probe = _run([python, "-c", "import importlib.util as u, json, pathlib, client, ice.learner.v1.learner_pb2 as pb;"
                   "print(json.dumps({'client': client.__file__, 'pb': pb.__file__,"
+                  "'proto': (pathlib.Path(pb.__file__).parent / 'learner.proto').is_file(),"
                   "'missing': [m for m in ('torch', 'diffusers', 'services') if u.find_spec(m) is None]}))"],
                  cwd=work, env=env)
     found = json.loads(probe.stdout)
     assert found["client"].startswith(str(venv)) and found["pb"].startswith(str(venv))  # not the repository's
+    assert found["proto"]  # the contract itself ships beside its generated code
     assert found["missing"] == ["torch", "diffusers", "services"]
 
     t = interop_services.targets
