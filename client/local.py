@@ -94,7 +94,8 @@ class LocalIce:
             self._localizer = pipeline.Localizer(self.bundle, self.device, self._dtype())
         known = {f.name for f in dataclasses.fields(pipeline.LocalizeOptions)}
         given = {k: v for k, v in (options or LocalizeOptions()).set_fields().items() if k in known}
-        r = self._localizer.localize(decode_image(image, "image"), pipeline.LocalizeOptions(**given))
+        image = decode_image(image, "image")
+        r = self._localizer.localize(image, dataclasses.replace(self._localizer.defaults, **given))
         concepts = [Concept(f"c{i}", c.noun, float(c.area_fraction), c.round, list(c.retrieval), encode_mask(c.mask))
                     for i, c in enumerate(r.concepts)]
         return LocalizeResult(concepts, r.width, r.height, r.rounds, float(r.remaining_fraction),
@@ -176,10 +177,12 @@ class LocalIce:
         else:
             chosen = generate.object_level_prompts(manifest, concept_ids)
         seed = options.seed if options.seed is not None else int.from_bytes(os.urandom(4), "little")
+        d = generate.generation_defaults(self.bundle)
         out = []
         for prompt, index, image_seed, image in generate.generate(
-                self._pipes[job_id], chosen, options.num_images or 8, seed, options.num_inference_steps or 50,
-                7.5 if options.guidance_scale is None else options.guidance_scale):
+                self._pipes[job_id], chosen, options.num_images or d.num_images, seed,
+                options.num_inference_steps or d.num_inference_steps,
+                d.guidance_scale if options.guidance_scale is None else options.guidance_scale):
             out.append(GeneratedImage(prompt.text, index, prompt.concept_id, prompt.attribute, image_seed,
                                       kind.upper(), encode_png(image)))
         return out

@@ -17,6 +17,19 @@ MAX_SEED = 2**64
 
 
 @dataclass(frozen=True)
+class GenerationDefaults:
+    """What a Generate request leaves unset: the published inference values (B §4), or the bundle's own."""
+
+    num_images: int = 8
+    num_inference_steps: int = 50
+    guidance_scale: float = 7.5
+
+
+def generation_defaults(bundle) -> GenerationDefaults:
+    return bundle.recommended_defaults("generate", GenerationDefaults())
+
+
+@dataclass(frozen=True)
 class Prompt:
     text: str
     concept_id: str = ""

@@ -115,9 +115,11 @@ def _token_count(tokenizer, text: str) -> int:
     return len(tokenizer(text)["input_ids"])
 
 
-def parse_schedule(msg: learner_pb2.Schedule, settings: LearnerSettings, tokenizer) -> Schedule:
+def parse_schedule(msg: learner_pb2.Schedule, settings: LearnerSettings, tokenizer,
+                   defaults: Schedule | None = None) -> Schedule:
+    """Validate the set fields; the unset ones come from `defaults` (the published schedule, or the bundle's)."""
     values = {}
-    defaults = Schedule(checkpoint_every=settings.checkpoint_every)
+    defaults = defaults or Schedule(checkpoint_every=settings.checkpoint_every)
     for f in fields(Schedule):
         if not msg.HasField(f.name):
             values[f.name] = getattr(defaults, f.name)
@@ -155,11 +157,13 @@ def parse_request(request: learner_pb2.CreateLearningJobRequest, bundle, setting
         raise ResourceExhausted(f"{len(request.concepts)} concepts exceed the limit of {settings.max_concepts}",
                                 field="concepts")
     tokenizer = bundle.tokenizer()
-    schedule = parse_schedule(request.schedule, settings, tokenizer)
+    schedule = parse_schedule(request.schedule, settings, tokenizer, bundle.recommended_defaults(
+        "schedule", Schedule(checkpoint_every=settings.checkpoint_every)))
     if schedule.for_ablation(ablation).total_steps > settings.max_total_steps:
         raise InvalidArgument(f"{schedule.total_steps} steps in all exceed the server's limit of "
                               f"{settings.max_total_steps}", field="schedule")
-    anchors = [a.strip() for a in request.intrinsic_anchors] or list(DEFAULT_ANCHORS)
+    anchors = ([a.strip() for a in request.intrinsic_anchors]
+               or list(bundle.recommended("learn").get("anchors") or DEFAULT_ANCHORS))
     if not 1 <= len(anchors) <= 4 or any(not a for a in anchors) or len(set(anchors)) != len(anchors):
         raise InvalidArgument("1 to 4 distinct, non-empty words", field="intrinsic_anchors")
 
@@ -324,9 +328,10 @@ class LearnerServicer(learner_pb2_grpc.LearnerServiceServicer):
             raise InvalidArgument("must be empty unless kind is PROMPT_KIND_FREE", field="prompts")
         if len(request.prompts) > 16:
             raise InvalidArgument("at most 16 prompts", field="prompts")
-        num_images = request.num_images if request.HasField("num_images") else 8
-        steps = request.num_inference_steps if request.HasField("num_inference_steps") else 50
-        guidance = request.guidance_scale if request.HasField("guidance_scale") else 7.5
+        d = G.generation_defaults(s.bundle)
+        num_images = request.num_images if request.HasField("num_images") else d.num_images
+        steps = request.num_inference_steps if request.HasField("num_inference_steps") else d.num_inference_steps
+        guidance = request.guidance_scale if request.HasField("guidance_scale") else d.guidance_scale
         for value, low, high, name in ((num_images, 1, 64, "num_images"), (steps, 1, 200, "num_inference_steps"),
                                        (guidance, 0, 50, "guidance_scale")):
             if not low <= value <= high:
@@ -423,6 +428,9 @@ def build_spec(settings: LearnerSettings) -> ServiceSpec:
         state.device = resolve_device(settings.device)
         state.precision = precision_name(compute_dtype(state.device))
         state.bundle = Bundle.open(settings.bundle, verify_hashes=settings.verify_bundle_hashes)
+        # a bundle whose recommended options do not parse fails here, at start-up, not in a request
+        state.bundle.recommended_defaults("schedule", Schedule())
+        G.generation_defaults(state.bundle)
         from client.tracing import is_configured
         from services.learner.tracing import TracedJobManager
 

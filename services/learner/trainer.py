@@ -373,12 +373,15 @@ class Trainer:
     # -- one step -----------------------------------------------------------------------------------------------
 
     def _noisy(self, mean, std, t):
+        """(noisy latents, the UNet's training target): the noise for an ε-prediction model, the velocity
+        α_t·ε − σ_t·x₀ for a v-prediction one (SD-2.x 768 and zero-terminal-SNR models)."""
         latents = (mean + std * torch.randn(mean.shape, generator=self.generator).to(self.device)) * self.scaling
         noise = torch.randn(latents.shape, generator=self.generator).to(self.device)
         if self.schedule.noise_offset:
             noise = noise + self.schedule.noise_offset * torch.randn(
                 (*latents.shape[:2], 1, 1), generator=self.generator).to(self.device)
-        return self.noise_scheduler.add_noise(latents, noise, t), noise
+        return self.noise_scheduler.add_noise(latents, noise, t), training_target(
+            self.noise_scheduler, latents, noise, t)
 
     def _timestep(self) -> torch.Tensor:
         return torch.multinomial(self.weights, 1, replacement=True, generator=self.generator).to(self.device)
@@ -396,25 +399,25 @@ class Trainer:
             prompt_tokens = attend = [tokens.token(CONCEPT, i), *intrinsic]
         ids = tokens.input_ids([template.format("".join(prompt_tokens))], self.device)
 
-        batch_latents, batch_noise, batch_t = [], [], []
+        batch_latents, batch_target, batch_t = [], [], []
         if self.prior:
             t = self._timestep()
             x, n = self._noisy(*self._class_latent(step % len(self.class_paths)), t)
-            batch_latents.append(x), batch_noise.append(n), batch_t.append(t)
+            batch_latents.append(x), batch_target.append(n), batch_t.append(t)
             ids = torch.cat([self.class_ids, ids])
         t = self._timestep()
         x, n = self._noisy(*self.instance_latents[flip], t)
-        batch_latents.append(x), batch_noise.append(n), batch_t.append(t)
+        batch_latents.append(x), batch_target.append(n), batch_t.append(t)
         mask = self.masks[flip][i : i + 1]
 
         with self.autocast:
             hidden = self.text_encoder(input_ids=ids)[0]
             pred = self.unet(torch.cat(batch_latents), torch.cat(batch_t), encoder_hidden_states=hidden).sample
-        pred, noise = pred.float(), torch.cat(batch_noise)
+        pred, target = pred.float(), torch.cat(batch_target)
 
-        terms: dict[str, torch.Tensor] = {"reconstruction": L.masked_reconstruction(pred[-1:], noise[-1:], mask)}
+        terms: dict[str, torch.Tensor] = {"reconstruction": L.masked_reconstruction(pred[-1:], target[-1:], mask)}
         if self.prior:
-            terms["prior"] = F.mse_loss(pred[:1], noise[:1])
+            terms["prior"] = F.mse_loss(pred[:1], target[:1])
         with self.autocast:
             if self.phase == OBJECT_LEVEL:
                 e = tokens.encode([tokens.token(CONCEPT, i), tokens.token(INSTANCE, i)], self.device)
@@ -524,6 +527,19 @@ class Trainer:
             lora = {k: v.detach().float().cpu().contiguous() for k, v in
                     convert_state_dict_to_diffusers(get_peft_model_state_dict(self.unet)).items()}
         return TrainResult(list(self.tokens.specs), self.tokens.embeddings(), delta, lora)
+
+
+def training_target(scheduler, latents: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """What the UNet learns to predict, by the scheduler's `prediction_type` (B §3.4 trains ε with SD-2.1-base;
+    a v-prediction checkpoint must be trained on the velocity or every step pulls it off its own objective)."""
+    kind = scheduler.config.prediction_type
+    if kind == "epsilon":
+        return noise
+    if kind == "v_prediction":
+        return scheduler.get_velocity(latents, noise, t)
+    if kind == "sample":
+        return latents
+    raise BundleError(f"unsupported prediction_type {kind!r}", "diffusion/scheduler/scheduler_config.json")
 
 
 def base_unet_tensors(bundle, names) -> dict[str, torch.Tensor]:

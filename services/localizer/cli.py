@@ -9,6 +9,7 @@ coloured over the image, each labelled with its noun) and ``concepts.json``; `--
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import re
 import sys
@@ -71,29 +72,25 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--json", action="store_true", help="print the result as JSON")
     ap.add_argument("--device", default="auto")
     ap.add_argument("--kl-backend", default="auto", choices=("auto", "triton", "torch"))
-    d = LocalizeOptions()
+    # unset options take the published values, or the bundle's recommended ones (recommended.json)
     ap.add_argument("--max-concepts", type=int, default=None)
-    ap.add_argument("--max-rounds", type=int, default=d.max_rounds)
-    ap.add_argument("--remaining-fraction-threshold", type=float, default=d.remaining_fraction_threshold)
-    ap.add_argument("--l1-penalty", type=float, default=d.l1_penalty)
-    ap.add_argument("--min-area-fraction", type=float, default=d.min_area_fraction)
-    ap.add_argument("--merge-threshold", type=float, default=d.merge_threshold)
-    ap.add_argument("--merge-rounds", type=int, default=d.merge_rounds)
-    ap.add_argument("--timestep", type=int, default=d.timestep)
-    ap.add_argument("--refinement", default=d.refinement, choices=("kmeans", "none"))
+    ap.add_argument("--max-rounds", type=int, default=None)
+    ap.add_argument("--remaining-fraction-threshold", type=float, default=None)
+    ap.add_argument("--l1-penalty", type=float, default=None)
+    ap.add_argument("--min-area-fraction", type=float, default=None)
+    ap.add_argument("--merge-threshold", type=float, default=None)
+    ap.add_argument("--merge-rounds", type=int, default=None)
+    ap.add_argument("--timestep", type=int, default=None)
+    ap.add_argument("--refinement", default=None, choices=("kmeans", "none"))
     args = ap.parse_args(argv)
-    options = LocalizeOptions(
-        max_concepts=args.max_concepts, max_rounds=args.max_rounds,
-        remaining_fraction_threshold=args.remaining_fraction_threshold, l1_penalty=args.l1_penalty,
-        min_area_fraction=args.min_area_fraction, merge_threshold=args.merge_threshold,
-        merge_rounds=args.merge_rounds, timestep=args.timestep, refinement=args.refinement,
-    )  # fmt: skip
+    given = {f.name: getattr(args, f.name) for f in dataclasses.fields(LocalizeOptions)
+             if getattr(args, f.name, None) is not None}
     try:
         image = decode_image(args.image.read_bytes(), field=str(args.image))
         device = resolve_device(args.device)
         localizer = Localizer(Bundle.open(args.bundle), device=device, dtype=compute_dtype(device),
                               onnx_providers=onnx_providers("auto"), kl_backend=args.kl_backend)  # fmt: skip
-        result = localizer.localize(image, options)
+        result = localizer.localize(image, dataclasses.replace(localizer.defaults, **given))
     except (IceError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

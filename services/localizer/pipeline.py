@@ -80,15 +80,19 @@ class Localizer:
         self.pipe = bundle.load_diffusion(device, dtype)
         self.retriever = Retriever(bundle, onnx_providers, reranker)
         self.kl_backend = resolve_backend(kl_backend, device)
+        # what a request leaves unset: the published values, or this bundle's own recommendations
+        self.defaults = bundle.recommended_defaults("localize", LocalizeOptions())
 
     @torch.no_grad()
     def localize(
         self,
         image: Image.Image,
-        options: LocalizeOptions = LocalizeOptions(),
+        options: LocalizeOptions | None = None,
         check: Callable[[], None] = lambda: None,
     ) -> LocalizeResult:
-        """Run the loop on an RGB image. `check` runs before every round and may raise to stop (cancellation)."""
+        """Run the loop on an RGB image (`options` None: the bundle's defaults). `check` runs before every round
+        and may raise to stop (cancellation)."""
+        options = self.defaults if options is None else options
         width, height = image.size
         crop = image.crop(center_crop_box(width, height))
         crop_arr = np.asarray(crop, dtype=np.uint8)

@@ -61,9 +61,11 @@ def _ranged(msg, name: str, default, low, high, *, low_open: bool = False, high_
     return value
 
 
-def options_from_proto(msg: localizer_pb2.LocalizeOptions, default_max_concepts: int = 0) -> LocalizeOptions:
-    """Validate every option (ranges of localizer.proto) and fill the defaults."""
-    d = LocalizeOptions()
+def options_from_proto(msg: localizer_pb2.LocalizeOptions, default_max_concepts: int = 0,
+                       defaults: LocalizeOptions | None = None) -> LocalizeOptions:
+    """Validate every option (ranges of localizer.proto) and fill the unset ones from `defaults` (the published
+    values, or the bundle's recommended ones)."""
+    d = defaults or LocalizeOptions()
     if msg.refinement not in _REFINEMENT:
         raise InvalidArgument(f"unknown value {msg.refinement}", field="options.refinement")
     return LocalizeOptions(
@@ -105,7 +107,7 @@ class LocalizerServicer(localizer_pb2_grpc.LocalizerServiceServicer):
     def Localize(self, request: localizer_pb2.LocalizeRequest, context) -> localizer_pb2.LocalizeResponse:
         if self.localizer is None:
             raise Unavailable("the models are not loaded yet")
-        options = options_from_proto(request.options, self.settings.max_concepts)
+        options = options_from_proto(request.options, self.settings.max_concepts, self.localizer.defaults)
         t0, decode_ns = time.perf_counter(), time.time_ns()
         image = decode_image(request.image, field="image")
         timings = [("decode", time.perf_counter() - t0)]
