@@ -1,0 +1,252 @@
+"""Measure what the ToyWorld bundle has learned: `make toy-eval` (python -m toyworld.evaluate).
+
+1. Generation ceiling: single-object prompts with the world's own words ("a red striped ball"), on combinations
+   seen in training and on the held-out ones, judged by the procedural classifiers (colour, category, texture).
+2. CLIP zero-shot accuracy on single objects (category, colour, texture), and a DINO nearest-neighbour check.
+3. Stage 1 on held-out test scenes through the localizer's own code with the bundle's recommended options: noun
+   recall and precision against the true categories, mask mIoU / recall / precision with the evaluator's own
+   matching, and the foreground adjusted Rand index.
+
+Writes bench/results/toyworld.json (machine, commit, wall time, every figure) and prints a summary.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import platform
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from toyworld.classify import read_object
+from toyworld.world import CATEGORIES, COLOURS, HELD_OUT, TEXTURES, held_out_scene, single_object
+
+ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_BUNDLE = ROOT / "toyworld" / "bundle"
+DEFAULT_OUT = ROOT / "bench" / "results" / "toyworld.json"
+
+
+def object_prompt(colour: str, category: str, texture: str) -> str:
+    return f"a {colour} {category}" if texture == "plain" else f"a {colour} {texture} {category}"
+
+
+def generation_pipeline(bundle):
+    from diffusers import DPMSolverMultistepScheduler
+
+    from services.learner.generate import generation_defaults
+
+    pipe = bundle.load_diffusion("cpu", torch.float32)
+    pipe.scheduler = DPMSolverMultistepScheduler.from_config(pipe.scheduler.config)
+    return pipe, generation_defaults(bundle)
+
+
+def generate_images(pipe, defaults, prompts: list[str], seeds: list[int], batch: int = 16) -> list:
+    images = []
+    for start in range(0, len(prompts), batch):
+        p, s = prompts[start : start + batch], seeds[start : start + batch]
+        out = pipe(p, num_inference_steps=defaults.num_inference_steps, guidance_scale=defaults.guidance_scale,
+                   generator=[torch.Generator("cpu").manual_seed(x) for x in s]).images
+        images.extend(out)
+    return images
+
+
+def generation_ceiling(bundle, per_combo: int, seen_combos: int, rng: np.random.Generator) -> dict:
+    """Accuracy of colour, category and texture of images generated from the world's words."""
+    pipe, defaults = generation_pipeline(bundle)
+    all_combos = list(itertools.product(COLOURS, CATEGORIES, TEXTURES))
+    seen = [c for c in all_combos if c not in HELD_OUT]
+    seen = [seen[i] for i in rng.choice(len(seen), min(seen_combos, len(seen)), replace=False)]
+    groups = {"seen": seen, "held_out": sorted(HELD_OUT)}
+    out: dict = {"sampler": f"DPM-Solver++ {defaults.num_inference_steps} steps, guidance {defaults.guidance_scale}",
+                 "images_per_prompt": per_combo}
+    for name, combos in groups.items():
+        prompts, truth, seeds = [], [], []
+        for k, (colour, category, texture) in enumerate(combos):
+            for j in range(per_combo):
+                prompts.append(object_prompt(colour, category, texture))
+                truth.append((colour, category, texture))
+                seeds.append(1000 * k + j)
+        images = generate_images(pipe, defaults, prompts, seeds)
+        readings = [read_object(im) for im in images]
+        n = len(readings)
+        out[name] = {
+            "prompts": len(combos), "images": n,
+            "found": round(sum(r.found for r in readings) / n, 4),
+            "colour": round(sum(r.colour == t[0] for r, t in zip(readings, truth, strict=True)) / n, 4),
+            "category": round(sum(r.category == t[1] for r, t in zip(readings, truth, strict=True)) / n, 4),
+            "texture": round(sum(r.texture == t[2] for r, t in zip(readings, truth, strict=True)) / n, 4),
+            "all_three": round(sum((r.colour, r.category, r.texture) == t
+                                   for r, t in zip(readings, truth, strict=True)) / n, 4),
+        }
+        out.setdefault("_images", []).extend(images[: 2 * per_combo * 6])
+    return out
+
+
+@torch.no_grad()
+def clip_zero_shot(bundle, rng: np.random.Generator) -> dict:
+    """CLIP zero-shot accuracy on single objects, one per colour × category × texture combination."""
+    model, preprocess, tokenize = bundle.load_clip()
+    combos = list(itertools.product(COLOURS, CATEGORIES, TEXTURES))
+    scenes = [single_object(c, k, t, seed=int(rng.integers(1 << 30)), background=str(rng.choice(["white", "gray",
+                                                                                                 "beige"])))
+              for c, k, t in combos]
+    x = torch.stack([preprocess(s.image) for s in scenes])
+    img = torch.nn.functional.normalize(model.encode_image(x).float(), dim=-1)
+
+    def accuracy(labels: list[str], template: str, truth: list[str]) -> float:
+        txt = torch.nn.functional.normalize(model.encode_text(tokenize([template.format(w) for w in labels])).float(),
+                                            dim=-1)
+        pred = (img @ txt.T).argmax(1).tolist()
+        return round(float(np.mean([labels[p] == t for p, t in zip(pred, truth, strict=True)])), 4)
+
+    return {
+        "images": len(scenes),
+        "category": accuracy(list(CATEGORIES), "a photo of a {}", [k for _, k, _ in combos]),
+        "colour": accuracy(list(COLOURS), "a {} color", [c for c, _, _ in combos]),
+        "texture": accuracy(list(TEXTURES), "a {} texture", [t for _, _, t in combos]),
+        "prompts": {"category": "a photo of a {category}", "colour": "a {colour} color",
+                    "texture": "a {texture} texture"},
+    }
+
+
+@torch.no_grad()
+def dino_neighbours(bundle, rng: np.random.Generator) -> dict:
+    """Leave-one-out nearest neighbour (cosine of CLS features) over single objects: does DINO group what the
+    world groups, without ever seeing a label?"""
+    model, preprocess = bundle.load_dino()
+    combos = list(itertools.product(COLOURS, CATEGORIES, TEXTURES)) * 2
+    scenes = [single_object(c, k, t, seed=int(rng.integers(1 << 30))) for c, k, t in combos]
+    x = torch.stack([preprocess(s.image) for s in scenes])
+    feats = torch.nn.functional.normalize(model(pixel_values=x).last_hidden_state[:, 0].float(), dim=-1)
+    sim = feats @ feats.T
+    sim.fill_diagonal_(-2)
+    nn = sim.argmax(1).tolist()
+    out = {"images": len(scenes)}
+    for axis, name in ((0, "colour"), (1, "category"), (2, "texture")):
+        out[name] = round(float(np.mean([combos[i][axis] == combos[j][axis] for i, j in enumerate(nn)])), 4)
+    return out
+
+
+def fg_ari(truth: np.ndarray, predicted: np.ndarray) -> float:
+    """Adjusted Rand index over the foreground pixels of the truth (the object-centric learning convention)."""
+    from sklearn.metrics import adjusted_rand_score
+
+    fg = truth > 0
+    return float(adjusted_rand_score(truth[fg], predicted[fg])) if fg.any() else float("nan")
+
+
+def stage_one(bundle, n_scenes: int) -> dict:
+    """The localizer's own loop on held-out test scenes (bundle's recommended options)."""
+    from services.evaluator.masks import score_masks
+    from services.localizer.pipeline import Localizer
+
+    localizer = Localizer(bundle)
+    per_mask = []
+    tp = n_pred = n_true = 0
+    aris, rounds, seconds, per_scene = [], [], [], []
+    for k in range(n_scenes):
+        scene = held_out_scene(k)
+        t0 = time.perf_counter()
+        result = localizer.localize(scene.image)
+        seconds.append(time.perf_counter() - t0)
+        rounds.append(result.rounds)
+        truth_nouns = {o.category for o in scene.objects}
+        pred_nouns = {c.noun for c in result.concepts}
+        tp += len(truth_nouns & pred_nouns)
+        n_true += len(truth_nouns)
+        n_pred += len(pred_nouns)
+        scores = score_masks([c.mask for c in result.concepts], [o.mask for o in scene.objects])
+        per_mask.append(scores)
+        labels = np.zeros(scene.image.size[::-1], dtype=np.int64)
+        for i, c in enumerate(result.concepts, start=1):
+            labels[c.mask & (labels == 0)] = i
+        aris.append(fg_ari(scene.label_map(), labels))
+        per_scene.append({"scene": k, "truth": sorted(o.phrase() for o in scene.objects),
+                          "found": [c.noun for c in result.concepts], "miou": round(scores.miou, 3),
+                          "stop": result.stop_reason})
+    iou = np.concatenate([s.iou for s in per_mask])
+    recall = np.concatenate([s.recall for s in per_mask])
+    precision = np.concatenate([s.precision for s in per_mask])
+    return {
+        "scenes": n_scenes, "objects": int(iou.size),
+        "options": {k: v for k, v in localizer.defaults.__dict__.items()},
+        "noun_recall": round(tp / max(n_true, 1), 4), "noun_precision": round(tp / max(n_pred, 1), 4),
+        "mask_miou": round(float(np.nanmean(iou)), 4), "mask_recall": round(float(np.nanmean(recall)), 4),
+        "mask_precision": round(float(np.nanmean(precision)), 4),
+        "fg_ari": round(float(np.nanmean(aris)), 4),
+        "mean_rounds": round(float(np.mean(rounds)), 2), "seconds_per_scene": round(float(np.mean(seconds)), 3),
+        "per_scene": per_scene,
+    }
+
+
+def save_sheet(images: list, path: Path, columns: int = 12) -> None:
+    from PIL import Image
+
+    if not images:
+        return
+    rows = (len(images) + columns - 1) // columns
+    w, h = images[0].size
+    sheet = Image.new("RGB", (columns * w, rows * h), "white")
+    for i, im in enumerate(images):
+        sheet.paste(im, ((i % columns) * w, (i // columns) * h))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    sheet.save(path)
+
+
+def main(argv: list[str] | None = None) -> int:
+    from services.common.bundle import Bundle
+
+    p = argparse.ArgumentParser(prog="python -m toyworld.evaluate", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--bundle", type=Path, default=DEFAULT_BUNDLE)
+    p.add_argument("--out", type=Path, default=DEFAULT_OUT)
+    p.add_argument("--scenes", type=int, default=60, help="held-out scenes for stage 1")
+    p.add_argument("--images-per-prompt", type=int, default=2)
+    p.add_argument("--seen-combos", type=int, default=48, help="seen combinations sampled for generation")
+    p.add_argument("--quick", action="store_true", help="a few of everything (minutes)")
+    a = p.parse_args(argv)
+    if a.quick:
+        a.scenes, a.images_per_prompt, a.seen_combos = 12, 1, 12
+    t0 = time.perf_counter()
+    bundle = Bundle.open(a.bundle)
+    rng = np.random.default_rng(0)
+    from toyworld.train import git_commit
+
+    result: dict = {"bundle": {"name": bundle.name, "digest": bundle.digest, "path": str(a.bundle)},
+                    "machine": f"{platform.machine()} CPU, {torch.get_num_threads()} threads"
+                    + (f", {torch.cuda.get_device_name(0)}" if torch.cuda.is_available() else ""),
+                    "commit": git_commit(), "date": time.strftime("%Y-%m-%d"), "quick": a.quick}
+    print("toy-eval: generation ceiling ...", flush=True)
+    gen = generation_ceiling(bundle, a.images_per_prompt, a.seen_combos, rng)
+    save_sheet(gen.pop("_images"), a.out.parent / "toyworld-generation.png")
+    result["generation"] = gen
+    print("toy-eval: CLIP zero-shot, DINO neighbours ...", flush=True)
+    result["clip_zero_shot"] = clip_zero_shot(bundle, rng)
+    result["dino_nearest_neighbour"] = dino_neighbours(bundle, rng)
+    print(f"toy-eval: stage 1 on {a.scenes} held-out scenes ...", flush=True)
+    result["stage_one"] = stage_one(bundle, a.scenes)
+    result["wall_seconds"] = round(time.perf_counter() - t0, 1)
+    a.out.parent.mkdir(parents=True, exist_ok=True)
+    a.out.write_text(json.dumps(result, indent=2) + "\n")
+    g, c, s = result["generation"], result["clip_zero_shot"], result["stage_one"]
+    print(f"generation (seen)     colour {g['seen']['colour']:.2f}  category {g['seen']['category']:.2f}  "
+          f"texture {g['seen']['texture']:.2f}  all three {g['seen']['all_three']:.2f}")
+    print(f"generation (held out) colour {g['held_out']['colour']:.2f}  category {g['held_out']['category']:.2f}  "
+          f"texture {g['held_out']['texture']:.2f}  all three {g['held_out']['all_three']:.2f}")
+    print(f"CLIP zero-shot        category {c['category']:.2f}  colour {c['colour']:.2f}  texture {c['texture']:.2f}")
+    d = result["dino_nearest_neighbour"]
+    print(f"DINO 1-NN             category {d['category']:.2f}  colour {d['colour']:.2f}  texture {d['texture']:.2f}")
+    print(f"stage 1 ({s['scenes']} scenes)  noun recall {s['noun_recall']:.2f}  precision {s['noun_precision']:.2f}  "
+          f"mask mIoU {s['mask_miou']:.2f}  recall {s['mask_recall']:.2f}  precision {s['mask_precision']:.2f}  "
+          f"FG-ARI {s['fg_ari']:.2f}")
+    print(f"toy-eval: wrote {a.out} in {result['wall_seconds']:.0f}s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

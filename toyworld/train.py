@@ -1,0 +1,541 @@
+"""Train the ToyWorld models and assemble the bundle: `make toy-train` (python -m toyworld.train all).
+
+Stages, each resumable from its own checkpoints (kill it at any time; the next run continues from the last
+checkpoint and computes the same steps: every batch and every noise draw is a function of (seed, step)):
+
+    vae        AutoencoderKL on scenes (L1 + MSE + a small KL), then its latent scaling factor
+    clip       open_clip CLIP, contrastive on (scene, caption) pairs
+    dino       ViTModel, DINO self-distillation (student/teacher, centring, sharpening), no labels
+    diffusion  CLIPTextModel + UNet2DConditionModel, v-prediction with min-SNR weighting, EMA weights
+    bundle     writes the diffusers / open_clip / DINO directories and the vocabulary, runs `ice-bundle
+               assemble` (float16), calibrates the localizer's merge threshold and verifies the bundle
+
+Everything runs on CUDA when present, else on the CPU. A stage whose output exists is skipped (--force STAGE
+re-runs it). `training.json` beside the bundle records the commit, seeds, steps, device, wall time and final
+losses of every stage.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from toyworld import models as M
+from toyworld.captions import caption
+from toyworld.world import IMAGE_SIZE, make_scene
+
+ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_WORK = ROOT / "build" / "toyworld"
+DEFAULT_BUNDLE = ROOT / "toyworld" / "bundle"
+STAGES = ("vae", "clip", "dino", "diffusion", "bundle")
+
+
+@dataclass(frozen=True)
+class Plan:
+    """Steps and batch sizes per stage (the committed bundle's values are the defaults)."""
+
+    seed: int = 0
+    vae_steps: int = 1400
+    vae_batch: int = 16
+    clip_steps: int = 1000
+    clip_batch: int = 128
+    dino_steps: int = 900
+    dino_batch: int = 64
+    diffusion_steps: int = 5500
+    diffusion_batch: int = 32
+    latent_pool: int = 40_000
+    checkpoint_every: int = 100
+
+
+def device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def say(msg: str) -> None:
+    print(f"[toy-train {time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# data
+
+
+def scene_batch(seed: int, step: int, batch: int, salt: int) -> tuple[torch.Tensor, list]:
+    """A batch of training scenes for (seed, step): images in [-1, 1] [B, 3, 64, 64] and the scenes."""
+    base = (seed * 1_000_003 + salt * 7_919 + step * batch) % 9_000_000
+    scenes = [make_scene(base + k) for k in range(batch)]
+    x = np.stack([np.asarray(s.image, dtype=np.float32) for s in scenes]) / 127.5 - 1.0
+    return torch.from_numpy(x).permute(0, 3, 1, 2).contiguous(), scenes
+
+
+def generator(seed: int, step: int, salt: int) -> torch.Generator:
+    return torch.Generator("cpu").manual_seed(seed * 1_000_003 + salt * 7_919 + step)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# resumable loop
+
+
+class Checkpointer:
+    """Model (and optional EMA) + optimizer state in safetensors, the rest in JSON (services.learner.checkpoints)."""
+
+    def __init__(self, folder: Path, modules: dict[str, torch.nn.Module], optimizer: torch.optim.Optimizer):
+        self.folder, self.modules, self.optimizer = folder, modules, optimizer
+
+    def save(self, step: int, state: dict) -> None:
+        from services.learner import checkpoints
+
+        tensors, meta = checkpoints.optimizer_to_flat(self.optimizer)
+        for name, module in self.modules.items():
+            tensors.update({f"{name}.{k}": v for k, v in module.state_dict().items()})
+        checkpoints.save(self.folder, step, tensors, {**state, "optimizer": meta})
+
+    def load(self) -> tuple[int, dict]:
+        from services.learner import checkpoints
+
+        found = checkpoints.load_latest(self.folder)
+        if found is None:
+            return 0, {}
+        step, tensors, state = found
+        for name, module in self.modules.items():
+            prefix = f"{name}."
+            module.load_state_dict({k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)})
+        checkpoints.optimizer_from_flat(self.optimizer, tensors, state["optimizer"])
+        return step, state
+
+
+def run_loop(name: str, steps: int, step_fn: Callable[[int], dict], ckpt: Checkpointer, every: int,
+             record: dict) -> dict:
+    start, state = ckpt.load()
+    if start:
+        say(f"{name}: resuming at step {start}/{steps}")
+    elapsed = float(state.get("elapsed", 0.0))
+    losses: dict[str, float] = dict(state.get("losses") or {})
+    smooth: dict[str, float] = dict(state.get("smooth") or {})
+    t_last = time.perf_counter()
+    for step in range(start, steps):
+        out = step_fn(step)
+        losses = {k: float(v) for k, v in out.items()}
+        smooth = {k: 0.98 * smooth.get(k, v) + 0.02 * v for k, v in losses.items()}
+        done = step + 1
+        if done % 20 == 0 or done == steps:
+            now = time.perf_counter()
+            elapsed += now - t_last
+            t_last = now
+            rate = done - start
+            eta = (steps - done) * elapsed / max(done, 1)
+            say(f"{name} {done}/{steps} " + " ".join(f"{k}={v:.4f}" for k, v in smooth.items())
+                + f" ({elapsed / 60:.1f} min, eta {eta / 60:.1f} min)")
+            del rate
+        if done % every == 0 or done == steps:
+            now = time.perf_counter()
+            elapsed += now - t_last
+            t_last = now
+            ckpt.save(done, {"elapsed": elapsed, "losses": losses, "smooth": smooth})
+    record.update({"steps": steps, "wall_seconds": round(elapsed, 1),
+                   "final_losses": {k: round(v, 5) for k, v in smooth.items()}})
+    return record
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# stage 1: the VAE
+
+
+def train_vae(work: Path, plan: Plan, dev: str) -> dict:
+    torch.manual_seed(plan.seed + 1)
+    vae = M.build_vae().to(dev)
+    opt = torch.optim.AdamW(vae.parameters(), lr=5e-4, weight_decay=0.0)
+    ckpt = Checkpointer(work / "checkpoints" / "vae", {"vae": vae}, opt)
+
+    def step_fn(step: int) -> dict:
+        x, _ = scene_batch(plan.seed, step, plan.vae_batch, salt=1)
+        x = x.to(dev)
+        lr = 5e-4 * min(1.0, (step + 1) / 100) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * step / plan.vae_steps)))
+        for g in opt.param_groups:
+            g["lr"] = lr
+        post = vae.encode(x).latent_dist
+        z = post.mean + post.std * torch.randn(post.mean.shape, generator=generator(plan.seed, step, 1)).to(dev)
+        rec = vae.decode(z).sample
+        l1 = (rec - x).abs().mean()
+        mse = F.mse_loss(rec, x)
+        kl = post.kl().mean() / z[0].numel()
+        loss = l1 + mse + 1e-4 * kl
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
+        opt.step()
+        psnr = 10 * math.log10(4.0 / max(float(mse), 1e-10))
+        return {"l1": l1.item(), "kl": kl.item(), "psnr": psnr}
+
+    record = run_loop("vae", plan.vae_steps, step_fn, ckpt, plan.checkpoint_every, {"batch": plan.vae_batch})
+    vae.eval()
+    with torch.no_grad():  # latent scale: 1 / std of the encoder's means over fresh scenes (SD's convention)
+        x, _ = scene_batch(plan.seed + 99, 0, 256, salt=9)
+        means = vae.encode(x.to(dev)).latent_dist.mean
+        scale = 1.0 / float(means.std())
+        rec = vae.decode(means).sample.clamp(-1, 1)
+        psnr = 10 * math.log10(4.0 / float(F.mse_loss(rec, x.to(dev))))
+    vae.register_to_config(scaling_factor=round(scale, 5))
+    vae.save_pretrained(work / "vae", safe_serialization=True)
+    record.update({"scaling_factor": round(scale, 5), "heldout_psnr_db": round(psnr, 2),
+                   "parameters": M.n_params(vae)})
+    return record
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# stage 2: CLIP
+
+
+def train_clip(work: Path, plan: Plan, dev: str) -> dict:
+    from open_clip.tokenizer import SimpleTokenizer
+
+    torch.manual_seed(plan.seed + 2)
+    model = M.build_clip().to(dev)
+    tok = SimpleTokenizer(context_length=M.CLIP_CONFIG["text_cfg"]["context_length"])
+    mean = torch.tensor(M.CLIP_CONFIG["preprocess_cfg"]["mean"], device=dev).view(1, 3, 1, 1)
+    std = torch.tensor(M.CLIP_CONFIG["preprocess_cfg"]["std"], device=dev).view(1, 3, 1, 1)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.1, betas=(0.9, 0.98))
+    ckpt = Checkpointer(work / "checkpoints" / "clip", {"clip": model}, opt)
+
+    def step_fn(step: int) -> dict:
+        x, scenes = scene_batch(plan.seed, step, plan.clip_batch, salt=2)
+        rng = np.random.default_rng([plan.seed, step, 2])
+        texts = [caption(s, rng) for s in scenes]
+        lr = 1e-3 * min(1.0, (step + 1) / 100) * 0.5 * (1 + math.cos(math.pi * step / plan.clip_steps))
+        for g in opt.param_groups:
+            g["lr"] = lr
+        pix = ((x.to(dev) + 1) / 2 - mean) / std
+        img = F.normalize(model.encode_image(pix), dim=-1)
+        txt = F.normalize(model.encode_text(tok(texts).to(dev)), dim=-1)
+        logits = model.logit_scale.exp() * img @ txt.T
+        # captions can repeat within a batch ("ball"): identical texts are all positives of each other
+        same = torch.tensor([[a == b for b in texts] for a in texts], device=dev, dtype=torch.float32)
+        target = same / same.sum(1, keepdim=True)
+        loss = 0.5 * (-(target * logits.log_softmax(1)).sum(1).mean() - (target.T * logits.log_softmax(0)).sum(0).mean())
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        with torch.no_grad():
+            model.logit_scale.clamp_(0, math.log(100))
+        acc = float((logits.argmax(1) == torch.arange(len(texts), device=dev)).float().mean())
+        return {"loss": loss.item(), "acc": acc}
+
+    record = run_loop("clip", plan.clip_steps, step_fn, ckpt, plan.checkpoint_every, {"batch": plan.clip_batch})
+    from safetensors.torch import save_file
+
+    (work / "clip").mkdir(parents=True, exist_ok=True)
+    save_file({k: v.detach().contiguous() for k, v in model.state_dict().items()},
+              str(work / "clip" / "open_clip_model.safetensors"), metadata={"format": "pt"})
+    (work / "clip" / "open_clip_config.json").write_text(json.dumps(M.CLIP_CONFIG, indent=2) + "\n")
+    record["parameters"] = M.n_params(model)
+    return record
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# stage 3: DINO
+
+
+def _dino_views(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+    """A random resized crop (scale 0.35-1, aspect 3/4-4/3) back to 64 px and a random flip per image; no colour
+    jitter, so the features keep colour (an intrinsic attribute here)."""
+    b = x.shape[0]
+    scale = 0.35 + 0.65 * torch.rand(b, generator=g)
+    ratio = torch.exp((torch.rand(b, generator=g) - 0.5) * math.log(16 / 9))
+    w = torch.sqrt(scale * ratio).clamp(max=1.0)
+    h = torch.sqrt(scale / ratio).clamp(max=1.0)
+    cx = (torch.rand(b, generator=g) * 2 - 1) * (1 - w)
+    cy = (torch.rand(b, generator=g) * 2 - 1) * (1 - h)
+    flip = torch.where(torch.rand(b, generator=g) < 0.5, -1.0, 1.0)
+    theta = torch.zeros(b, 2, 3)
+    theta[:, 0, 0], theta[:, 0, 2] = w * flip, cx
+    theta[:, 1, 1], theta[:, 1, 2] = h, cy
+    grid = F.affine_grid(theta.to(x.device), list(x.shape), align_corners=False)
+    return F.grid_sample(x, grid, mode="bilinear", padding_mode="reflection", align_corners=False)
+
+
+class DinoHead(torch.nn.Module):
+    def __init__(self, dim: int, hidden: int = 512, bottleneck: int = 128, out: int = 1024):
+        super().__init__()
+        self.mlp = torch.nn.Sequential(torch.nn.Linear(dim, hidden), torch.nn.GELU(), torch.nn.Linear(hidden, hidden),
+                                       torch.nn.GELU(), torch.nn.Linear(hidden, bottleneck))
+        self.last = torch.nn.utils.parametrizations.weight_norm(torch.nn.Linear(bottleneck, out, bias=False))
+
+    def forward(self, x):
+        return self.last(F.normalize(self.mlp(x), dim=-1))
+
+
+def train_dino(work: Path, plan: Plan, dev: str) -> dict:
+    import copy
+
+    torch.manual_seed(plan.seed + 3)
+    student = M.build_dino().to(dev)
+    head = DinoHead(M.DINO_CONFIG["hidden_size"]).to(dev)
+    teacher, teacher_head = copy.deepcopy(student), copy.deepcopy(head)
+    for p in [*teacher.parameters(), *teacher_head.parameters()]:
+        p.requires_grad_(False)
+    center = torch.zeros(1, 1024, device=dev)
+    params = [*student.parameters(), *head.parameters()]
+    opt = torch.optim.AdamW(params, lr=5e-4, weight_decay=0.04)
+
+    class State(torch.nn.Module):  # the centre travels with the checkpoint
+        def __init__(self):
+            super().__init__()
+            self.register_buffer("center", center)
+
+    st = State()
+    ckpt = Checkpointer(work / "checkpoints" / "dino",
+                        {"student": student, "head": head, "teacher": teacher, "teacher_head": teacher_head,
+                         "state": st}, opt)
+    mean = torch.tensor([0.485, 0.456, 0.406], device=dev).view(1, 3, 1, 1)
+    std = torch.tensor([0.229, 0.224, 0.225], device=dev).view(1, 3, 1, 1)
+
+    def step_fn(step: int) -> dict:
+        x, _ = scene_batch(plan.seed, step, plan.dino_batch, salt=3)
+        x = ((x + 1) / 2).to(dev)
+        g = generator(plan.seed, step, 3)
+        views = [(_dino_views(x, g) - mean) / std for _ in range(2)]
+        progress = step / plan.dino_steps
+        lr = 5e-4 * min(1.0, (step + 1) / 100) * 0.5 * (1 + math.cos(math.pi * progress))
+        for grp in opt.param_groups:
+            grp["lr"] = lr
+        t_temp = 0.04 + (0.07 - 0.04) * min(1.0, step / (0.3 * plan.dino_steps))
+        with torch.no_grad():
+            t_out = [teacher_head(teacher(v).last_hidden_state[:, 0]) for v in views]
+            t_prob = [F.softmax((o - st.center) / t_temp, dim=-1) for o in t_out]
+        s_out = [head(student(v).last_hidden_state[:, 0]) for v in views]
+        loss = 0.5 * sum(-(t_prob[1 - i] * F.log_softmax(s_out[i] / 0.1, dim=-1)).sum(-1).mean() for i in range(2))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 3.0)
+        opt.step()
+        with torch.no_grad():
+            m = 1 - (1 - 0.996) * (math.cos(math.pi * progress) + 1) / 2
+            for pt, ps in zip([*teacher.parameters(), *teacher_head.parameters()], params, strict=True):
+                pt.mul_(m).add_(ps.detach(), alpha=1 - m)
+            st.center.mul_(0.9).add_(torch.cat(t_out).mean(0, keepdim=True), alpha=0.1)
+            entropy = float(-(t_prob[0] * t_prob[0].clamp_min(1e-12).log()).sum(-1).mean())
+        return {"loss": loss.item(), "teacher_entropy": entropy}
+
+    record = run_loop("dino", plan.dino_steps, step_fn, ckpt, plan.checkpoint_every, {"batch": plan.dino_batch})
+    from transformers import ViTImageProcessor
+
+    teacher.save_pretrained(work / "dino", safe_serialization=True)  # the teacher is the published DINO backbone
+    ViTImageProcessor(do_resize=True, size={"height": IMAGE_SIZE, "width": IMAGE_SIZE}, resample=3,
+                      image_mean=[0.485, 0.456, 0.406], image_std=[0.229, 0.224, 0.225]).save_pretrained(work / "dino")
+    record["parameters"] = M.n_params(teacher)
+    return record
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# stage 4: the diffusion model
+
+
+def latent_pool(work: Path, plan: Plan, dev: str) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """(means, stds, scaling factor) of the VAE posterior of training scenes 0..latent_pool-1 (cached)."""
+    from diffusers import AutoencoderKL
+    from safetensors.torch import load_file, save_file
+
+    vae = AutoencoderKL.from_pretrained(work / "vae").to(dev).eval()
+    path = work / f"latents-{plan.latent_pool}.safetensors"
+    if path.is_file():
+        t = load_file(str(path))
+        return t["mean"], t["std"], float(vae.config.scaling_factor)
+    say(f"encoding {plan.latent_pool} training scenes with the VAE")
+    means, stds = [], []
+    with torch.no_grad():
+        for start in range(0, plan.latent_pool, 256):
+            n = min(256, plan.latent_pool - start)
+            scenes = [make_scene(pool_seed(plan, start + k)) for k in range(n)]
+            x = np.stack([np.asarray(s.image, dtype=np.float32) for s in scenes]) / 127.5 - 1.0
+            d = vae.encode(torch.from_numpy(x).permute(0, 3, 1, 2).to(dev)).latent_dist
+            means.append(d.mean.cpu())
+            stds.append(d.std.cpu())
+    mean, std = torch.cat(means).contiguous(), torch.cat(stds).contiguous()
+    save_file({"mean": mean, "std": std}, str(path))
+    return mean, std, float(vae.config.scaling_factor)
+
+
+def pool_seed(plan: Plan, index: int) -> int:
+    return 5_000_000 + plan.seed * 100_003 + index
+
+
+def min_snr_weight(alphas_cumprod: torch.Tensor, t: torch.Tensor, gamma: float = 5.0) -> torch.Tensor:
+    """min(SNR, γ) / (SNR + 1): the min-SNR-γ weighting for a v-prediction loss (SNR 0 at t = T-1 is fine)."""
+    a = alphas_cumprod[t]
+    snr = a / (1 - a).clamp_min(1e-8)
+    return snr.clamp(max=gamma) / (snr + 1)
+
+
+def train_diffusion(work: Path, plan: Plan, dev: str) -> dict:
+    import copy
+
+    from services.common.tokenizer import build_clip_tokenizer
+
+    means, stds, scale = latent_pool(work, plan, dev)
+    tokenizer = build_clip_tokenizer()
+    torch.manual_seed(plan.seed + 4)
+    text_encoder = M.build_text_encoder().to(dev)
+    unet = M.build_unet().to(dev)
+    ema_te, ema_unet = copy.deepcopy(text_encoder), copy.deepcopy(unet)
+    for p in [*ema_te.parameters(), *ema_unet.parameters()]:
+        p.requires_grad_(False)
+    scheduler = M.build_scheduler()
+    alphas = scheduler.alphas_cumprod.to(dev)
+    params = [*unet.parameters(), *text_encoder.parameters()]
+    opt = torch.optim.AdamW(params, lr=6e-4, weight_decay=1e-2)
+    ckpt = Checkpointer(work / "checkpoints" / "diffusion",
+                        {"unet": unet, "text_encoder": text_encoder, "ema_unet": ema_unet, "ema_text_encoder": ema_te},
+                        opt)
+    n_pool = means.shape[0]
+
+    def step_fn(step: int) -> dict:
+        rng = np.random.default_rng([plan.seed, step, 4])
+        g = generator(plan.seed, step, 4)
+        idx = rng.choice(n_pool, plan.diffusion_batch, replace=False)
+        texts = [caption(make_scene(pool_seed(plan, int(i))), rng, empty_share=0.1) for i in idx]
+        ids = tokenizer(texts, padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids
+        m, s = means[idx], stds[idx]
+        latents = ((m + s * torch.randn(m.shape, generator=g)) * scale).to(dev)
+        noise = torch.randn(latents.shape, generator=g).to(dev)
+        t = torch.randint(0, scheduler.config.num_train_timesteps, (len(idx),), generator=g).to(dev)
+        noisy = scheduler.add_noise(latents, noise, t)
+        target = scheduler.get_velocity(latents, noise, t)
+        lr = 6e-4 * min(1.0, (step + 1) / 200) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * step / plan.diffusion_steps)))
+        for grp in opt.param_groups:
+            grp["lr"] = lr
+        hidden = text_encoder(ids.to(dev))[0]
+        pred = unet(noisy, t, encoder_hidden_states=hidden).sample
+        per = ((pred - target) ** 2).mean(dim=(1, 2, 3))
+        loss = (per * min_snr_weight(alphas, t)).mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        with torch.no_grad():
+            decay = min(0.999, (1 + step) / (10 + step))
+            for pe, p in zip([*ema_unet.parameters(), *ema_te.parameters()], params, strict=True):
+                pe.mul_(decay).add_(p.detach(), alpha=1 - decay)
+        return {"loss": loss.item(), "mse": per.mean().item()}
+
+    record = run_loop("diffusion", plan.diffusion_steps, step_fn, ckpt, plan.checkpoint_every,
+                      {"batch": plan.diffusion_batch, "latent_pool": plan.latent_pool})
+    save_pipeline(work, ema_unet, ema_te, tokenizer, scheduler)
+    record.update({"unet_parameters": M.n_params(unet), "text_encoder_parameters": M.n_params(text_encoder),
+                   "weights": "EMA (decay 0.999)", "objective": "v-prediction, min-SNR-5 weighting",
+                   "caption_dropout": 0.1})
+    return record
+
+
+def save_pipeline(work: Path, unet, text_encoder, tokenizer, scheduler) -> Path:
+    from diffusers import AutoencoderKL, StableDiffusionPipeline
+
+    vae = AutoencoderKL.from_pretrained(work / "vae")
+    pipe = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder.cpu(), tokenizer=tokenizer, unet=unet.cpu(),
+                                   scheduler=scheduler, safety_checker=None, feature_extractor=None,
+                                   requires_safety_checker=False)
+    pipe.save_pretrained(work / "diffusion", safe_serialization=True)
+    return work / "diffusion"
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# stage 5: the bundle
+
+
+def git_commit() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True,
+                              check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def build_bundle(work: Path, out: Path, plan: Plan, record: dict) -> dict:
+    from toyworld import calibrate, vocab
+
+    vocab_tsv = vocab.write_vocabulary(work / "vocab.tsv")
+    mean_dir = work / "mean-images"
+    if not mean_dir.is_dir():
+        mean_dir.mkdir(parents=True)
+        for k in range(512):  # the retriever's image mean: training scenes, as MSCOCO is for real photos
+            make_scene(8_000_000 + k).image.save(mean_dir / f"{k:04d}.png")
+    cmd = [sys.executable, "-m", "services.common.bundle_cli", "assemble", "--out", str(out),
+           "--diffusion", str(work / "diffusion"),
+           "--open-clip-config", str(work / "clip" / "open_clip_config.json"),
+           "--open-clip-weights", str(work / "clip" / "open_clip_model.safetensors"),
+           "--dino", str(work / "dino"), "--vocab", str(vocab_tsv), "--image-mean-from", str(mean_dir),
+           "--name", "toyworld", "--version", "1", "--kind", "toyworld", "--precision", "float16", "--copy",
+           "--force"]
+    say("assembling: " + " ".join(cmd[1:]))
+    subprocess.run(cmd, cwd=ROOT, check=True)
+    recommended = calibrate.calibrate_localizer(out, say)
+    record["calibration"] = recommended.pop("_evidence", {})
+    calibrate.write_recommended(out, recommended)
+    subprocess.run([sys.executable, "-m", "services.common.bundle_cli", "verify", str(out)], cwd=ROOT, check=True)
+    return record
+
+
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m toyworld.train", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("stages", nargs="*", default=["all"], help=f"any of {', '.join(STAGES)}, or all")
+    p.add_argument("--work", type=Path, default=DEFAULT_WORK, help="checkpoints and stage outputs")
+    p.add_argument("--out", type=Path, default=DEFAULT_BUNDLE, help="where the bundle is written")
+    p.add_argument("--force", action="append", default=[], choices=STAGES, help="re-run a finished stage")
+    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    for field_name, value in Plan.__dataclass_fields__.items():
+        p.add_argument("--" + field_name.replace("_", "-"), type=int, default=value.default)
+    a = p.parse_args(argv)
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    plan = Plan(**{f: getattr(a, f) for f in Plan.__dataclass_fields__})
+    stages = STAGES if "all" in a.stages else tuple(a.stages)
+    unknown = set(stages) - set(STAGES)
+    if unknown:
+        p.error(f"unknown stage(s) {sorted(unknown)}")
+    work: Path = a.work
+    work.mkdir(parents=True, exist_ok=True)
+    dev = device()
+    record_path = work / "training.json"
+    record = json.loads(record_path.read_text()) if record_path.is_file() else {}
+    record.update({"commit": git_commit(), "device": dev if dev == "cpu" else torch.cuda.get_device_name(0),
+                   "cpu_threads": torch.get_num_threads(), "torch": torch.__version__,
+                   "plan": plan.__dict__})
+    outputs = {"vae": work / "vae", "clip": work / "clip" / "open_clip_model.safetensors", "dino": work / "dino",
+               "diffusion": work / "diffusion", "bundle": a.out / "bundle.json"}
+    trainers = {"vae": train_vae, "clip": train_clip, "dino": train_dino, "diffusion": train_diffusion}
+    for stage in stages:
+        if outputs[stage].exists() and stage not in a.force:
+            say(f"{stage}: done already ({outputs[stage]}); --force {stage} re-runs it")
+            continue
+        say(f"{stage}: starting on {dev}")
+        t0 = time.perf_counter()
+        if stage == "bundle":
+            record["bundle"] = build_bundle(work, a.out, plan, {})
+        else:
+            record[stage] = trainers[stage](work, plan, dev)
+        record.setdefault(stage, {})["stage_seconds"] = round(time.perf_counter() - t0, 1)
+        record_path.write_text(json.dumps(record, indent=2) + "\n")
+        say(f"{stage}: finished in {(time.perf_counter() - t0) / 60:.1f} min")
+    if "bundle" in stages and (a.out / "bundle.json").is_file():
+        (a.out.parent / "training.json").write_text(json.dumps(record, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    sys.exit(main())
