@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Render every Kustomize entry point under k8s/ and validate each object against the Kubernetes OpenAPI
-# schemas, strictly (unknown fields are errors), offline. Exit status 0 only when everything passed.
+# schemas, strictly (unknown fields are errors), offline; then check the deployment policy (k8s/policy.py) over
+# the renders. Exit status 0 only when everything passed.
 #
 #   k8s/validate.sh                  # from anywhere; `make k8s-validate` runs it
 #   K8S_VERSIONS="1.34.0" k8s/validate.sh
@@ -8,6 +9,7 @@
 # Environment:
 #   KUBECTL               kubectl with Kustomize >= 5 (default: kubectl on PATH)
 #   KUBERNETES_VALIDATE   the kubernetes-validate program (default: .venv/bin/kubernetes-validate, else PATH)
+#   PYTHON                Python with PyYAML, for k8s/policy.py (default: .venv/bin/python, else python3)
 #   K8S_VERSIONS          Kubernetes versions to validate against (default: "1.33.0 1.37.0": the oldest we
 #                         support, since backoffLimitPerIndex is GA from 1.33, and the newest schemas bundled)
 #
@@ -33,24 +35,29 @@ if [[ -z "${KUBERNETES_VALIDATE:-}" ]]; then
         exit 2
     fi
 fi
+if [[ -z "${PYTHON:-}" ]]; then
+    if [[ -x "$root/.venv/bin/python" ]]; then PYTHON="$root/.venv/bin/python"; else PYTHON=python3; fi
+fi
 read -r -a versions <<< "${K8S_VERSIONS:-1.33.0 1.37.0}"
 # Kinds that come from CRDs, not from Kubernetes itself.
 crd_kinds="ServiceMonitor"
 
 # Every entry point: the overlays, the batch Jobs, and an overlay with the optional ServiceMonitor component.
-targets=(overlays/gke overlays/eks overlays/aks overlays/dev-cpu batch/extract batch/assemble-bundle
-         examples/gke-with-servicemonitor)
+targets=(overlays/gke overlays/eks overlays/aks overlays/dev-cpu batch/extract batch/extract-bucket
+         batch/assemble-bundle examples/gke-with-servicemonitor)
 
 tmp="$(mktemp -d)"
 trap 'rm -rf "$tmp"' EXIT
 
 failed=0
 files=()
+pairs=()
 skipped=()
 render() {  # render NAME DIR
     local out="$tmp/$(echo "$1" | tr '/' '_').yaml"
     if "$KUBECTL" kustomize "$2" > "$out" 2> "$out.err"; then
         files+=("$out")
+        pairs+=("$1=$out")
     else
         echo "FAIL  kubectl kustomize $1:" >&2
         sed 's/^/      /' "$out.err" >&2
@@ -89,8 +96,17 @@ if (( ${#files[@]} )); then
     fi
 fi
 
+# What schemas cannot see: bundles written inside volumes, pods that fit the documented GPU machines, learner
+# scaling and draining, batch load, availability and roll-outs, ServiceAccounts and NetworkPolicies (policy.py).
+if (( ${#pairs[@]} )); then
+    if ! "$PYTHON" "$here/policy.py" --nodes "$here/nodes.yaml" "${pairs[@]}" 2> "$tmp/policy.err"; then
+        sed "s|$tmp/||g" "$tmp/policy.err" >&2
+        failed=1
+    fi
+fi
+
 if (( failed )); then
     echo "k8s/validate.sh: FAILED" >&2
     exit 1
 fi
-echo "k8s/validate.sh: ok: ${#files[@]} renders (${targets[*]}) valid for Kubernetes ${versions[*]} (--strict)"
+echo "k8s/validate.sh: ok: ${#files[@]} renders (${targets[*]}) valid for Kubernetes ${versions[*]} (--strict) and hold the deployment policy (k8s/policy.py)"

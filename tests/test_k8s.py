@@ -4,7 +4,8 @@ Every entry point is rendered (the per-cloud overlays, the laptop overlay, the b
 example) and checked for what the deployment relies on: resources, probes and a hardened securityContext on
 every container, GPU tolerations, headless Services, one set of port numbers shared by Services, probes,
 NetworkPolicies and the containers' flags, and batch sharding that covers every image exactly once.
-`k8s/validate.sh` (run here too) checks every object against the Kubernetes schemas with --strict.
+`k8s/validate.sh` (run here too) checks every object against the Kubernetes schemas with --strict, then the
+deployment policy of `k8s/policy.py`; the policy's rules are shown here to fail on the faults they exist for.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ KUBECTL = shutil.which("kubectl")
 
 GPU_OVERLAYS = ["overlays/gke", "overlays/eks", "overlays/aks"]
 OVERLAYS = [*GPU_OVERLAYS, "overlays/dev-cpu"]
-BATCH = ["batch/extract", "batch/assemble-bundle"]
+BATCH = ["batch/extract", "batch/extract-bucket", "batch/assemble-bundle"]
 ALL_TARGETS = [*OVERLAYS, *BATCH, "examples/gke-with-servicemonitor"]
 SERVICES = {"localizer", "learner", "evaluator"}
 WORKLOAD_KINDS = ("Deployment", "StatefulSet", "Job")
@@ -164,7 +165,7 @@ def port_number(container: dict, port) -> int:
 def test_validate_script_passes():
     out = subprocess.run([str(K8S / "validate.sh")], capture_output=True, text=True, timeout=120, cwd=ROOT)
     assert out.returncode == 0, f"k8s/validate.sh failed:\n{out.stdout}\n{out.stderr}"
-    assert "ok:" in out.stdout
+    assert "ok:" in out.stdout and "k8s/policy.py: ok" in out.stdout
     # The CRD (no bundled schema) is reported as skipped, never silently passed.
     assert "skip" in out.stdout and "ServiceMonitor" in out.stdout
 
@@ -254,9 +255,18 @@ def test_images_are_pinned(rendered, target):
     for w in of_kind(rendered[target], *WORKLOAD_KINDS):
         for c in containers(w):
             image = c["image"]
-            assert "@sha256:" in image or re.search(r":[\w.-]+$", image.rsplit("/", 1)[-1]), image
+            if target == "overlays/dev-cpu":  # a local image loaded into kind/minikube
+                assert image == "ice-cpu:dev", image
+            else:  # what runs in a real cluster is named by digest, not by a tag that can move
+                assert re.fullmatch(r"[^@:]+(:[^@]+)?@sha256:[0-9a-f]{64}", image), image
             assert not image.endswith(":latest"), image
             assert c.get("imagePullPolicy") == "IfNotPresent", (target, c["name"])
+
+
+@pytest.mark.parametrize("target", GPU_OVERLAYS)
+def test_one_gpu_image_serves_the_three_services(rendered, target):
+    images = {c["image"] for w in server_workloads(rendered[target]) for c in containers(w)}
+    assert len(images) == 1 and next(iter(images)).split("@")[0].endswith("/ice-gpu"), images
 
 
 @pytest.mark.parametrize("target", OVERLAYS)
@@ -317,10 +327,11 @@ def test_dev_cpu_requests_no_gpu_and_runs_the_tiny_bundle_on_cpu(rendered):
         c = main_container(w)
         assert flags(c)["device"] == "cpu"
         assert c["image"] == "ice-cpu:dev"
-        (init,) = pod["initContainers"]
-        assert init["command"][:2] == ["ice-bundle", "tiny"]
+        tiny, pin = pod["initContainers"]  # the bundle is made first, then checked like any other
+        assert tiny["command"][:2] == ["ice-bundle", "tiny"] and pin["name"] == "bundle-pin"
         (bundle,) = [v for v in pod["volumes"] if v["name"] == "bundle"]
         assert set(bundle) == {"name", "emptyDir"}
+        assert w["spec"]["replicas"] == 1
     (secret,) = of_kind(objs, "Secret")
     assert secret["metadata"]["name"].startswith("ice-auth")
 
@@ -361,20 +372,31 @@ def test_services_are_headless_and_ports_agree_with_flags_and_probes(rendered, t
 @pytest.mark.parametrize("target", OVERLAYS)
 def test_settings_and_token_come_from_the_configmap_and_the_secret(rendered, target):
     objs = rendered[target]
-    configmaps = {o["metadata"]["name"] for o in of_kind(objs, "ConfigMap")}
+    configmaps = {o["metadata"]["name"]: o.get("data", {}) for o in of_kind(objs, "ConfigMap")}
     for w in server_workloads(objs):
         c = main_container(w)
-        (ref,) = c["envFrom"]
-        assert ref["configMapRef"]["name"] in configmaps and ref["configMapRef"]["name"].startswith("ice-settings")
+        refs = [ref["configMapRef"]["name"] for ref in c["envFrom"]]
+        assert all(r in configmaps for r in refs)
+        assert sorted(r.rsplit("-", 1)[0] for r in refs) == ["ice-bundle", "ice-settings"]
+        (bundle_cm,) = [r for r in refs if r.startswith("ice-bundle")]
+        bundle_env = configmaps[bundle_cm]
         token_file = flags(c)["auth-token-file"]
         (mount,) = [m for m in c["volumeMounts"] if token_file.startswith(m["mountPath"] + "/")]
         (vol,) = [v for v in pod_spec(w)["volumes"] if v["name"] == mount["name"]]
         assert vol["secret"]["secretName"].startswith("ice-auth")
         assert token_file.endswith("/" + vol["secret"]["items"][0]["path"])
         assert vol["secret"]["items"][0]["key"] == "token"
-        assert flags(c)["bundle"] == "/models/bundle"
-        (bundle,) = [m for m in c["volumeMounts"] if m["mountPath"] == "/models/bundle"]
+        # The bundle: a version folder on the read-only bundles/ mount, named (with its digest) in one ConfigMap.
+        assert "bundle" not in flags(c)
+        (bundle,) = [m for m in c["volumeMounts"] if m["mountPath"] == "/models"]
         assert bundle.get("readOnly") is True
+        assert bundle_env["ICE_BUNDLE"].startswith("/models/") and bundle_env["ICE_BUNDLE"].count("/") == 2
+        digest = bundle_env["ICE_BUNDLE_DIGEST"]
+        assert re.fullmatch(r"[0-9a-f]{64}", digest) if target != "overlays/dev-cpu" else digest == ""
+        # The pin runs before the server, on the same bundle and ConfigMap.
+        pin = next(i for i in pod_spec(w)["initContainers"] if i["name"] == "bundle-pin")
+        assert [r["configMapRef"]["name"] for r in pin["envFrom"]] == [bundle_cm]
+        assert [m for m in pin["volumeMounts"] if m["mountPath"] == "/models"] == [bundle]
 
 
 @pytest.mark.parametrize("target", OVERLAYS)
@@ -393,6 +415,10 @@ def test_volumes_refer_to_claims_that_exist(rendered, target):
     (template,) = learner["spec"]["volumeClaimTemplates"]
     (mount,) = [m for m in main_container(learner)["volumeMounts"] if m["name"] == template["metadata"]["name"]]
     assert flags(main_container(learner))["job-store"].startswith(mount["mountPath"] + "/")
+    # One shared claim for everything the pods share (one file share, not one per use).
+    assert {o["spec"]["accessModes"][0] for o in of_kind(objs, "PersistentVolumeClaim")} <= {
+        "ReadWriteMany", "ReadWriteOnce"}
+    assert claims == {"ice-data"}
     # The batch Jobs' claims are provided by the overlay they run beside.
     for job in of_kind(rendered["batch/extract"], "Job") + (
         of_kind(rendered["batch/assemble-bundle"], "Job") if target in GPU_OVERLAYS else []
@@ -441,14 +467,18 @@ def test_each_server_has_a_pdb(rendered, target):
         labels = w["spec"]["template"]["metadata"]["labels"]
         matching = [p for p in pdbs if selects(p["spec"]["selector"], labels)]
         assert len(matching) == 1, w["metadata"]["name"]
-        assert matching[0]["spec"]["maxUnavailable"] == 1
+        if target == "overlays/dev-cpu":  # one replica on a laptop: never block draining its node
+            assert matching[0]["spec"] == {**matching[0]["spec"], "maxUnavailable": 1}
+            assert "minAvailable" not in matching[0]["spec"]
+        else:  # two replicas or more: a drain takes one at a time and always leaves one serving
+            assert matching[0]["spec"]["minAvailable"] == 1 and "maxUnavailable" not in matching[0]["spec"]
     for p in pdbs:
         assert any(selects(p["spec"]["selector"], w["spec"]["template"]["metadata"]["labels"])
                    for w in server_workloads(objs)), p["metadata"]["name"]
 
 
 @pytest.mark.parametrize("target", GPU_OVERLAYS)
-def test_hpa_scales_the_learner_on_queue_depth(rendered, target):
+def test_hpa_scales_the_learner_on_the_jobs_it_holds(rendered, target):
     objs = rendered[target]
     (hpa,) = of_kind(objs, "HorizontalPodAutoscaler")
     ref = hpa["spec"]["scaleTargetRef"]
@@ -456,9 +486,13 @@ def test_hpa_scales_the_learner_on_queue_depth(rendered, target):
     assert component(learner) == "learner"
     (metric,) = hpa["spec"]["metrics"]
     assert metric["type"] == "Pods"
-    assert metric["pods"]["metric"]["name"] == "ice_learner_queue_depth"
+    # queued + running: a replica that is training with an empty queue is not idle (services/learner/jobs.py)
+    assert metric["pods"]["metric"]["name"] == "ice_learner_active_jobs"
     assert metric["pods"]["target"]["type"] == "AverageValue"
-    assert 1 <= hpa["spec"]["minReplicas"] < hpa["spec"]["maxReplicas"]
+    assert 2 <= hpa["spec"]["minReplicas"] < hpa["spec"]["maxReplicas"]
+    from services.learner import jobs
+
+    assert jobs.ACTIVE_JOBS._name == "ice_learner_active_jobs"
 
 
 def test_servicemonitors_scrape_every_service_metrics_port(rendered):
@@ -477,7 +511,9 @@ def test_overlays_put_everything_in_one_restricted_namespace(rendered, target):
     (ns,) = of_kind(objs, "Namespace")
     assert ns["metadata"]["labels"]["pod-security.kubernetes.io/enforce"] == "restricted"
     for o in objs:
-        if o["kind"] != "Namespace":
+        if o["kind"] in ("Namespace", "PriorityClass"):  # cluster-scoped
+            assert "namespace" not in o["metadata"]
+        else:
             assert o["metadata"]["namespace"] == ns["metadata"]["name"], (o["kind"], o["metadata"]["name"])
     for batch in BATCH:
         for o in rendered[batch]:
@@ -541,14 +577,15 @@ def test_batch_job_reaches_the_services_by_their_headless_names_and_ports(render
     f = flags(c)
     services = {s["metadata"]["name"]: s for s in of_kind(rendered["overlays/gke"], "Service")}
     for svc in SERVICES:
-        m = re.fullmatch(r"dns:///([a-z-]+)\.\$\(POD_NAMESPACE\)\.svc\.\$\(CLUSTER_DOMAIN\):(\d+)", f[svc])
+        # no cluster domain: the pod's DNS search path completes the name in any cluster
+        m = re.fullmatch(r"dns:///([a-z-]+)\.\$\(POD_NAMESPACE\)\.svc:(\d+)", f[svc])
         assert m, f[svc]
         grpc = [p["port"] for p in services[m.group(1)]["spec"]["ports"] if p["name"] == "grpc"]
         assert m.group(1) == f"ice-{svc}" and grpc == [int(m.group(2))]
     assert f["out"].startswith("/outputs/")
     (out,) = [m for m in c["volumeMounts"] if m["mountPath"] == "/outputs"]
     (vol,) = [v for v in pod_spec(job)["volumes"] if v["name"] == out["name"]]
-    assert vol["persistentVolumeClaim"]["claimName"] == "ice-outputs"
+    assert vol["persistentVolumeClaim"]["claimName"] == "ice-data" and out["subPath"] == "outputs"
     assert "$(" not in expand(f["out"], c)  # a fixed run directory: re-running resumes it
 
 
@@ -557,22 +594,49 @@ def test_assemble_job_reads_weights_and_writes_then_verifies_the_bundle(rendered
     pod = pod_spec(job)
     (assemble,) = pod["initContainers"]
     (verify,) = pod["containers"]
-    assert assemble["command"] == ["ice-bundle"] and assemble["args"][0] == "assemble"
+    # a shell guard that skips a version already assembled, then exactly `ice-bundle assemble ...`
+    assert assemble["command"][:2] == ["/bin/sh", "-c"] and assemble["args"][:2] == ["ice-bundle", "assemble"]
     assert verify["command"] == ["ice-bundle"] and verify["args"][:1] == ["verify"]
     claims = {v["name"]: v["persistentVolumeClaim"] for v in pod["volumes"] if "persistentVolumeClaim" in v}
-    assert claims["weights"] == {"claimName": "ice-weights", "readOnly": True}
-    assert claims["bundle"] == {"claimName": "ice-bundle"}
-    mounts = {m["name"]: m for m in assemble["volumeMounts"]}
-    assert mounts["weights"]["readOnly"] is True and not mounts["bundle"].get("readOnly")
+    assert claims == {"data": {"claimName": "ice-data"}}
+    mounts = {m["mountPath"]: m for m in assemble["volumeMounts"]}
+    assert mounts["/weights"]["subPath"] == "weights" and mounts["/weights"]["readOnly"] is True
+    assert mounts["/models"]["subPath"] == "bundles" and not mounts["/models"].get("readOnly")
     f = flags(assemble)
-    assert f["out"] == mounts["bundle"]["mountPath"] == verify["args"][1]
+    # a version folder inside the bundles/ mount, never the mount point; the services load the same folder
+    assert f["out"] == "/models/$(BUNDLE_VERSION)" == verify["args"][1]
+    version = env_value(assemble, "BUNDLE_VERSION")
+    assert version == env_value(verify, "BUNDLE_VERSION") and re.fullmatch(r"[a-z0-9][a-z0-9.-]*", version)
+    (bundle_cm,) = [o for o in of_kind(rendered["overlays/gke"], "ConfigMap")
+                    if o["metadata"]["name"].startswith("ice-bundle")]
+    assert bundle_cm["data"]["ICE_BUNDLE"] == f"/models/{version}"
     for flag in ("diffusion", "open-clip-config", "open-clip-weights", "dino", "vocab"):
-        assert f[flag].startswith(mounts["weights"]["mountPath"] + "/"), flag
-    assert "copy" in f  # weights and bundle are different volumes: no hard links
+        assert f[flag].startswith("/weights/"), flag
+    assert "copy" in f  # /weights and /models are two mounts: no hard links across them
+    assert "force" not in f  # a bundle under running pods is never overwritten
     spec = job["spec"]
     for field in ("activeDeadlineSeconds", "ttlSecondsAfterFinished", "podFailurePolicy"):
         assert field in spec
     assert pod["restartPolicy"] == "Never"
+
+
+def test_bucket_job_reads_and_writes_object_storage_with_its_own_identity(rendered):
+    from client.cli import build_parser
+
+    (job,) = of_kind(rendered["batch/extract-bucket"], "Job")
+    (c,) = containers(job)
+    env = {"JOB_COMPLETION_INDEX": "0", "POD_NAMESPACE": "ice"}
+    args = [re.sub(r"\$\(([A-Z_]+)\)", lambda m: env.get(m.group(1)) or env_value(c, m.group(1)) or m.group(0), a)
+            for a in c["args"]]
+    a = build_parser().parse_args(args)
+    assert a.source.startswith("s3://") and a.out.startswith("s3://") and "$(" not in a.out
+    assert not of_kind(rendered["batch/extract-bucket"], "ConfigMap")  # the manifest lives in the bucket
+    assert not [v for v in pod_spec(job)["volumes"] if "persistentVolumeClaim" in v]
+    (sa,) = of_kind(rendered["batch/extract-bucket"], "ServiceAccount")
+    assert pod_spec(job)["serviceAccountName"] == sa["metadata"]["name"]
+    assert sa["metadata"]["annotations"]["eks.amazonaws.com/role-arn"].startswith("arn:aws:iam::")
+    assert sa["automountServiceAccountToken"] is False
+    assert "extract" in job["spec"]["template"]["spec"]["containers"][0]["name"]
 
 
 def test_batch_job_args_are_what_the_ice_cli_accepts(rendered, tmp_path):
@@ -591,12 +655,14 @@ def test_batch_job_args_are_what_the_ice_cli_accepts(rendered, tmp_path):
     a = build_parser().parse_args(args)
     assert a.shard_count == job["spec"]["completions"] and a.shard_index == 0
     assert str(a.token_file) == "/var/run/secrets/ice/token"
-    assert a.localizer == "dns:///ice-localizer.ice.svc.cluster.local:50051"
+    assert a.localizer == "dns:///ice-localizer.ice.svc:50051"
+    assert a.concurrency * job["spec"]["parallelism"] <= 18  # the learners' capacity (k8s/policy.py batch-load)
     (cm,) = of_kind(objs, "ConfigMap")
     manifest = tmp_path / "manifest.txt"
     manifest.write_text(cm["data"]["manifest.txt"])
     items = list_items(manifest)
-    (inputs,) = [m for m in c["volumeMounts"] if m["name"] == "inputs"]
+    (inputs,) = [m for m in c["volumeMounts"] if m.get("subPath") == "inputs"]
+    assert inputs["readOnly"] is True
     assert items and all(str(i.image).startswith(inputs["mountPath"] + "/") for i in items)
     ids = Counter(i.id for k in range(a.shard_count) for i in shard(items, k, a.shard_count))
     assert ids == Counter(i.id for i in items) and set(ids.values()) == {1}
@@ -615,4 +681,157 @@ def test_each_learner_replica_advertises_its_stable_address(rendered, target):
     (svc,) = [s for s in of_kind(rendered[target], "Service") if s["metadata"]["name"] == service]
     assert svc["spec"].get("clusterIP") == "None"
     advertised = flags(container)["advertise-address"]
-    assert advertised == f"$(POD_NAME).{service}.$(POD_NAMESPACE).svc.cluster.local:{flags(container)['port']}"
+    assert advertised == f"$(POD_NAME).{service}.$(POD_NAMESPACE).svc:{flags(container)['port']}"
+
+
+# ------------------------------------------------------------------------------------------------------------
+# k8s/policy.py: each rule fails on the fault it exists for (the manifests as they were before it)
+# ------------------------------------------------------------------------------------------------------------
+def _policy():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("k8s_policy", K8S / "policy.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _nodes() -> dict:
+    return yaml.safe_load((K8S / "nodes.yaml").read_text())
+
+
+def _by(objs, kind, name_prefix):
+    (o,) = [o for o in objs if o["kind"] == kind and o["metadata"]["name"].startswith(name_prefix)]
+    return o
+
+
+def test_policy_holds_for_every_render(rendered):
+    policy = _policy()
+    assert policy.run(rendered, _nodes()) == []
+
+
+def _break_assemble_out(r):  # item 1: --out at the root of the mounted volume
+    job = _by(r["batch/assemble-bundle"], "Job", "ice-assemble-bundle")
+    init = pod_spec(job)["initContainers"][0]
+    init["args"] = [a if not a.startswith("--out=") else "--out=/models" for a in init["args"]]
+
+
+def _break_tiny_out(r):  # item 1: the dev-cpu init container onto its emptyDir's mount point
+    for w in server_workloads(r["overlays/dev-cpu"]):
+        tiny = pod_spec(w)["initContainers"][0]
+        tiny["command"] = ["ice-bundle", "tiny", "--out", "/models", "--force"]
+
+
+def _break_assemble_force(r):  # item 5: a bundle overwritten under running pods
+    pod_spec(_by(r["batch/assemble-bundle"], "Job", "ice-assemble-bundle"))["initContainers"][0]["args"].append(
+        "--force")
+
+
+def _break_learner_cpu(r):  # item 2: the learner's 4 CPUs on the 4-vCPU machine documented before
+    r["__nodes__"]["aks"] = {"machine": "Standard_NC4as_T4_v3", "daemonsets": {"cpu": "500m", "memory": "1Gi"},
+                             "allocatable": {"cpu": "3860m", "memory": "24Gi", "nvidia.com/gpu": 1}}
+    learner = _by(r["overlays/aks"], "StatefulSet", "ice-learner")
+    main_container(learner)["resources"]["requests"].update(cpu="4", memory="12Gi")
+    main_container(learner)["resources"]["limits"].update(memory="16Gi")
+
+
+def _break_hpa_metric(r):  # item 6: queued jobs only
+    hpa = _by(r["overlays/gke"], "HorizontalPodAutoscaler", "ice-learner")
+    hpa["spec"]["metrics"][0]["pods"]["metric"]["name"] = "ice_learner_queue_depth"
+
+
+def _break_learner_drain(r):  # item 6 and 9: no drain before the learner stops
+    del main_container(_by(r["overlays/eks"], "StatefulSet", "ice-learner"))["lifecycle"]
+
+
+def _break_batch_load(r):  # item 7: 8 shards x concurrency 2 on the learners' capacity
+    pod_spec(_by(r["overlays/gke"], "StatefulSet", "ice-learner"))  # (unchanged)
+    _by(r["batch/extract"], "Job", "ice-batch-extract")["spec"]["parallelism"] = 8
+    _by(r["overlays/gke"], "HorizontalPodAutoscaler", "ice-learner")["spec"]["minReplicas"] = 1
+
+
+def _break_batch_grace(r):  # item 7: no time to write the summary on SIGTERM
+    pod_spec(_by(r["batch/extract"], "Job", "ice-batch-extract"))["terminationGracePeriodSeconds"] = 10
+
+
+def _break_replicas(r):  # item 9: one replica
+    _by(r["overlays/gke"], "Deployment", "ice-localizer")["spec"]["replicas"] = 1
+
+
+def _break_pdb(r):  # item 9: a budget that protects nothing
+    pdb = _by(r["overlays/aks"], "PodDisruptionBudget", "ice-evaluator")
+    del pdb["spec"]["minAvailable"]
+    pdb["spec"]["maxUnavailable"] = 1
+
+
+def _break_deadline(r):  # item 9: the default 600 s roll-out deadline
+    del _by(r["overlays/eks"], "Deployment", "ice-evaluator")["spec"]["progressDeadlineSeconds"]
+
+
+def _break_spread(r):  # item 9: nothing spreads replicas over zones
+    del pod_spec(_by(r["overlays/gke"], "Deployment", "ice-evaluator"))["topologySpreadConstraints"]
+
+
+def _break_priority(r):  # item 9
+    del pod_spec(_by(r["overlays/gke"], "StatefulSet", "ice-learner"))["priorityClassName"]
+
+
+def _break_shutdown_budget(r):  # item 9: preStop + grace not inside the grace period
+    pod_spec(_by(r["overlays/aks"], "StatefulSet", "ice-learner"))["terminationGracePeriodSeconds"] = 90
+
+
+def _break_network_policy(r):  # item 10: any namespace
+    policy = _by(r["overlays/gke"], "NetworkPolicy", "ice-allow-grpc-from-clients")
+    policy["spec"]["ingress"][0]["from"] = [{"namespaceSelector": {}, "podSelector": {
+        "matchLabels": {"ice/client": "true"}}}]
+
+
+def _break_service_account(r):  # item 10: the namespace's default account
+    del pod_spec(_by(r["overlays/eks"], "Deployment", "ice-localizer"))["serviceAccountName"]
+
+
+def _break_cluster_domain(r):  # item 10
+    learner = main_container(_by(r["overlays/gke"], "StatefulSet", "ice-learner"))
+    learner["args"] = [a.replace(".svc:", ".svc.cluster.local:") for a in learner["args"]]
+
+
+@pytest.mark.parametrize(("fault", "rule", "words"), [
+    (_break_assemble_out, "bundle-writes", "is a mount point"),
+    (_break_tiny_out, "bundle-writes", "is a mount point"),
+    (_break_assemble_force, "bundle-writes", "--force"),
+    (_break_learner_cpu, "node-fit", "requests cpu 4"),
+    (_break_hpa_metric, "learner-scaling", "ice_learner_queue_depth"),
+    (_break_learner_drain, "learner-scaling", "no preStop drain"),
+    (_break_batch_load, "batch-load", "16 learning jobs in flight"),
+    (_break_batch_grace, "batch-load", "terminationGracePeriodSeconds 10"),
+    (_break_replicas, "availability", "1 replica(s)"),
+    (_break_pdb, "availability", "no minAvailable"),
+    (_break_deadline, "availability", "progressDeadlineSeconds 600"),
+    (_break_spread, "availability", "topology.kubernetes.io/zone"),
+    (_break_priority, "availability", "priorityClassName None"),
+    (_break_shutdown_budget, "availability", "not strictly inside"),
+    (_break_network_policy, "security", "admits every namespace"),
+    (_break_service_account, "security", "default ServiceAccount"),
+    (_break_cluster_domain, "security", "cluster.local"),
+], ids=lambda v: v.__name__.removeprefix("_break_") if callable(v) else None)
+def test_policy_fails_on_the_fault_it_exists_for(rendered, fault, rule, words):
+    import copy
+
+    policy = _policy()
+    broken = copy.deepcopy(rendered)
+    broken["__nodes__"] = _nodes()
+    fault(broken)
+    nodes = broken.pop("__nodes__")
+    failures = policy.run(broken, nodes)
+    assert failures, f"{fault.__name__}: no rule failed"
+    assert any(f" {rule} " in line and words in line for line in failures), failures
+
+
+def test_documented_machines_are_the_ones_the_checks_use():
+    """docs/deployment.md lists, per cloud, the machine the overlay is sized for: the one k8s/nodes.yaml names."""
+    doc = (ROOT / "docs/deployment.md").read_text()
+    for cloud, node in _nodes().items():
+        assert node["machine"] in doc, (cloud, node["machine"])
+        assert re.fullmatch(r"\d+", str(node["driver"])) and f"{node['driver']}" in doc
+        overlay = (K8S / "overlays" / cloud / "kustomization.yaml").read_text()
+        assert node["machine"] in overlay, (cloud, "the overlay names its machine")
