@@ -1,8 +1,9 @@
-"""The container images, checked by reading their Dockerfiles (no Docker engine runs here).
+"""The container images, checked by reading their Dockerfiles and lock files (no Docker engine runs here).
 
-Pinned bases, a numeric non-root user before the entrypoint, no secrets, no weights or bundle baked in, the
-`gpu` extra in the CUDA images without the CPU onnxruntime beside onnxruntime-gpu, and the ports of each
-image agreeing with the Kubernetes manifests.
+Pinned bases, a numeric non-root user before the entrypoint, no secrets, no weights or bundle baked in, one GPU
+image for the three services whose dependencies (torch and onnxruntime-gpu on one CUDA version, never the CPU
+onnxruntime beside them) come from a lock with hashes installed before any source is copied, a build-time
+self-check that the CUDA libraries load, and ports that agree with the Kubernetes manifests.
 """
 
 from __future__ import annotations
@@ -19,8 +20,10 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 DOCKER = ROOT / "docker"
 SERVICES = ("localizer", "learner", "evaluator")
-GPU_FILES = [DOCKER / f"Dockerfile.{s}" for s in SERVICES]
-ALL_FILES = [*GPU_FILES, DOCKER / "Dockerfile.cpu"]
+GPU_FILE = DOCKER / "Dockerfile.gpu"
+CPU_FILE = DOCKER / "Dockerfile.cpu"
+GPU_FILES = [GPU_FILE]
+ALL_FILES = [GPU_FILE, CPU_FILE]
 SECRET_NAME = re.compile(r"TOKEN|SECRET|PASSWORD|PASSWD|API_?KEY|PRIVATE_?KEY|ACCESS_?KEY|CREDENTIAL", re.I)
 
 
@@ -163,72 +166,155 @@ def pip_installs(instrs) -> list[tuple[int, str]]:
     return out
 
 
-@pytest.mark.parametrize("path", GPU_FILES, ids=lambda p: p.name)
-def test_gpu_images_install_torch_first_then_the_gpu_extra_without_cpu_onnxruntime(path):
-    instrs = parse(path)
-    assert all("nvidia/cuda:" in i.args for i in instrs if i.op == "FROM")
-    steps = [cmd for _, cmd in pip_installs(instrs)]
-    torch = next(k for k, c in enumerate(steps) if "torch==2.14.1" in c and "torchvision==0.29.1" in c)
-    extra = next(k for k, c in enumerate(steps) if re.search(r"install\s+(-e\s+)?'?\.\[gpu\]'?", c))
-    assert torch < extra, "torch must be installed (pinned) before the project"
-    # The CPU wheel (a base dependency) is removed after the extra pulled onnxruntime-gpu, and the GPU wheel
-    # reinstalled alone so that none of the CPU wheel's files survive.
-    uninstall = next(k for k, c in enumerate(steps) if re.search(r"pip uninstall -y .*\bonnxruntime\b", c))
-    reinstall = next(k for k, c in enumerate(steps) if "install --no-deps" in c and "onnxruntime-gpu" in c)
-    assert extra < uninstall < reinstall
-    assert not any(re.search(r"\bpip3?\s+install\b.*\bonnxruntime(?![-\w])", c) for c in steps[uninstall:])
-    run = " ".join(i.args for i in instrs if i.op == "RUN")
-    assert "CUDAExecutionProvider" in run and "'onnxruntime' not in names" in run  # checked at build time
+def lock_entries(path: Path) -> dict[str, tuple[str, list[str]]]:
+    """name -> (version, hashes) of a `uv pip compile --generate-hashes` lock."""
+    entries: dict[str, tuple[str, list[str]]] = {}
+    current = None
+    for line in path.read_text().splitlines():
+        m = re.match(r"^([A-Za-z0-9_.\-]+)(\[[^\]]*\])?==([^\s\\;]+)", line)
+        if m:
+            current = m.group(1).lower().replace("_", "-")
+            entries[current] = (m.group(3), [])
+        elif current and (h := re.search(r"--hash=sha256:([0-9a-f]{64})", line)):
+            entries[current][1].append(h.group(1))
+        elif line and not line.startswith((" ", "#")):
+            current = None
+            assert not line.startswith("-e"), f"{path.name}: an editable entry cannot carry a hash: {line}"
+    return entries
+
+
+def _requirement_names(requirements: list[str]) -> set[str]:
+    return {re.match(r"[A-Za-z0-9_.\-]+", r).group(0).lower().replace("_", "-") for r in requirements}
+
+
+def _project(path: Path) -> dict:
+    import tomllib
+
+    return tomllib.loads(path.read_text())["project"]
+
+
+@pytest.mark.parametrize(("lock", "extras", "left_out"), [
+    ("requirements-gpu.lock", {"ice-serving": ["gpu"]}, {"onnxruntime"}),  # onnxruntime-gpu is the same module
+    ("requirements-cpu.lock", {"ice-client": ["batch"]}, {"torch", "torchvision"}),  # from PyTorch's CPU index
+])
+def test_locks_pin_every_dependency_with_its_hashes(lock, extras, left_out):
+    entries = lock_entries(DOCKER / lock)
+    assert entries
+    for name, (version, hashes) in entries.items():
+        assert hashes, f"{lock}: {name}=={version} has no hash"
+    services, client = _project(ROOT / "pyproject.toml"), _project(ROOT / "client/pyproject.toml")
+    wanted = _requirement_names(services["dependencies"]) | _requirement_names(client["dependencies"])
+    for extra in extras.get("ice-serving", []):
+        wanted |= _requirement_names(services["optional-dependencies"][extra])
+    for extra in extras.get("ice-client", []):
+        wanted |= _requirement_names(client["optional-dependencies"][extra])
+    wanted -= {"ice-client"} | left_out
+    assert wanted - set(entries) == set(), f"{lock} lacks {sorted(wanted - set(entries))}: run docker/lock.sh"
+    assert not set(entries) & left_out, f"{lock} must not hold {left_out & set(entries)}"
+    for name in ("torch", "torchvision"):  # the versions `make install` and the CPU image pin
+        pinned = re.search(rf'"{name}==([^"]+)"', (ROOT / "pyproject.toml").read_text()).group(1)
+        if name in entries:
+            assert entries[name][0] == pinned, (lock, name)
+
+
+def test_gpu_lock_is_one_cuda_stack():
+    entries = lock_entries(DOCKER / "requirements-gpu.lock")
+    assert entries["torch"][0] == "2.14.1" and "onnxruntime-gpu" in entries and "triton" in entries
+    # torch's CUDA libraries as wheels, one CUDA major version (13): the image has no other CUDA toolkit
+    runtime = entries["nvidia-cuda-runtime"][0] if "nvidia-cuda-runtime" in entries else None
+    assert runtime and runtime.split(".")[0] == "13", runtime
+    assert not [n for n in entries if re.fullmatch(r"nvidia-.*-cu12", n)], "CUDA 12 libraries beside CUDA 13"
+    assert not [n for n in lock_entries(DOCKER / "requirements-cpu.lock") if n.startswith("nvidia-")]
+
+
+def _build_stage(path: Path) -> list[Instruction]:
+    return stages(parse(path))[0]
+
+
+@pytest.mark.parametrize("path", ALL_FILES, ids=lambda p: p.name)
+def test_dependencies_are_installed_before_any_source_is_copied(path):
+    """A code change must not reinstall torch: every third-party package is in a layer above the source."""
+    build = _build_stage(path)
+    lock = f"docker/requirements-{'gpu' if path == GPU_FILE else 'cpu'}.lock"
+    (lock_install,) = [k for k, i in enumerate(build) if i.op == "RUN" and f"-r {lock}" in i.args]
+    assert "--require-hashes" in build[lock_install].args and "--no-deps" in build[lock_install].args
+    copies = [k for k, i in enumerate(build) if i.op == "COPY"]
+    before = [build[k].args for k in copies if k < lock_install]
+    assert before == [f"{lock} /opt/ice/docker/"], before  # only the lock is in the context of that layer
+    sources = [k for k, i in enumerate(build) if i.op == "COPY" and re.search(r"\b(services|client|protos)/", i.args)]
+    assert sources and min(sources) > lock_install
+    # after the source, the project alone: no dependency is resolved or downloaded there
+    for i in build[min(sources):]:
+        if i.op == "RUN" and re.search(r"\bpip3?\s+install\b", i.args):
+            assert "--no-deps" in i.args and "-e ./client" in i.args and re.search(r"-e \.(\s|$)", i.args), i.args
+    if path == CPU_FILE:  # torch's CPU build, pinned, in the first layer
+        (torch,) = [k for k, i in enumerate(build) if i.op == "RUN" and "torch==2.14.1" in i.args]
+        assert "download.pytorch.org/whl/cpu" in build[torch].args and torch < lock_install
+
+
+def test_gpu_image_proves_that_its_cuda_libraries_load():
+    final = final_stage(parse(GPU_FILE))
+    assert all(re.match(r"python:3\.11\.\d+-slim", i.args) for i in parse(GPU_FILE) if i.op == "FROM")
+    run = [i.args for i in final if i.op == "RUN"]
+    (selfcheck,) = [r for r in run if "gpu_selfcheck.py" in r]
+    assert "ld.so.conf.d" in selfcheck and "ldconfig" in selfcheck  # the wheels' libraries, for the loader
+    assert selfcheck.index("ldconfig") < selfcheck.index("gpu_selfcheck.py")
+    assert any(i.op == "COPY" and "docker/gpu_selfcheck.py" in i.args for i in final)
+
+
+def test_self_check_reads_the_dynamic_loader_and_cuda_versions():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("gpu_selfcheck", DOCKER / "gpu_selfcheck.py")
+    selfcheck = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(selfcheck)
+    ldd = """\tlinux-vdso.so.1 (0x00007ffd)
+\tlibcudart.so.13 => /opt/venv/lib/python3.11/site-packages/nvidia/cu13/lib/libcudart.so.13 (0x7f)
+\tlibcudnn.so.9 => not found
+\tlibcuda.so.1 => not found
+\tlibcublasLt.so.13 => not found
+"""
+    assert selfcheck.missing_libraries(ldd) == ["libcudnn.so.9", "libcublasLt.so.13"]  # the driver's is not ours
+    assert selfcheck.cuda_major("13.0") == 13 and selfcheck.cuda_major(None) is None
+    assert selfcheck.main([]) == 1  # here (no onnxruntime-gpu): the check fails, it does not pass vacuously
 
 
 def test_cpu_image_has_no_gpu_packages():
-    instrs = parse(DOCKER / "Dockerfile.cpu")
+    instrs = parse(CPU_FILE)
     assert all(re.match(r"python:3\.1[1-9]\.\d+-slim", i.args) for i in instrs if i.op == "FROM")
     steps = [cmd for _, cmd in pip_installs(instrs)]
     assert not any("[gpu]" in c or "onnxruntime-gpu" in c or "triton" in c for c in steps)
-    torch = next(k for k, c in enumerate(steps) if "torch==2.14.1" in c)
-    assert "download.pytorch.org/whl/cpu" in steps[torch]
-    project = next(k for k, c in enumerate(steps) if re.search(r"install\s+(-e\s+)?\.(\s|$)", c))
-    assert torch < project
+    entries = lock_entries(DOCKER / "requirements-cpu.lock")
+    assert not {"onnxruntime-gpu", "triton"} & set(entries) and "onnxruntime" in entries
+    assert {"s3fs", "gcsfs", "adlfs"} <= set(entries)  # `ice batch` over object storage runs from this image
 
 
-def _normalise(text: str, service: str) -> str:
-    port = {"localizer": "50051", "learner": "50052", "evaluator": "50053"}[service]
-    health = str(int(port) + 10)
-    return text.replace(service, "SERVICE").replace(health, "HEALTH").replace(port, "PORT")
-
-
-def test_gpu_dockerfiles_differ_only_in_service_and_ports():
-    texts = {s: _normalise((DOCKER / f"Dockerfile.{s}").read_text(), s) for s in SERVICES}
-    assert texts["localizer"] == texts["learner"] == texts["evaluator"]
-
-
-def _k8s_server_args() -> dict[str, list[str]]:
+def _k8s_server_args() -> dict[str, tuple[list[str], list[str], str]]:
     out = {}
     for s in SERVICES:
         for doc in yaml.safe_load_all((ROOT / "k8s" / "base" / f"{s}.yaml").read_text()):
             if doc and doc["kind"] in ("Deployment", "StatefulSet"):
                 (c,) = doc["spec"]["template"]["spec"]["containers"]
-                out[s] = c["command"], c["args"]
+                out[s] = c["command"], c["args"], c["image"]
     return out
 
 
-@pytest.mark.parametrize("service", SERVICES)
-def test_image_ports_and_entrypoint_agree_with_kubernetes(service):
-    final = final_stage(parse(DOCKER / f"Dockerfile.{service}"))
-    (entry,) = [exec_form(i.args) for i in final if i.op == "ENTRYPOINT"]
-    (cmd,) = [exec_form(i.args) for i in final if i.op == "CMD"]
+def test_one_gpu_image_serves_every_service_on_its_ports():
+    final = final_stage(parse(GPU_FILE))
     (expose,) = [i.args.split() for i in final if i.op == "EXPOSE"]
-    command, args = _k8s_server_args()[service]
-    assert entry == command == ["python", "-m", f"services.{service}"]
-    flags = dict(a.removeprefix("--").split("=", 1) for a in args if a.startswith("--") and "=" in a)
-    for a in cmd:
-        name, value = a.removeprefix("--").split("=", 1)
-        assert flags[name] == value, (service, name)
-    assert sorted(expose) == sorted({flags["port"], flags["health-port"], flags["metrics-port"]})
-    # The CPU image exposes every service's ports too.
-    (cpu_expose,) = [i.args.split() for i in final_stage(parse(DOCKER / "Dockerfile.cpu")) if i.op == "EXPOSE"]
+    (cmd,) = [exec_form(i.args) for i in final if i.op == "CMD"]
+    servers = _k8s_server_args()
+    assert {image for _c, _a, image in servers.values()} == {"ice-gpu"}
+    for service, (command, args, _image) in servers.items():
+        assert command == ["python", "-m", f"services.{service}"]
+        flags = dict(a.removeprefix("--").split("=", 1) for a in args if a.startswith("--") and "=" in a)
+        assert {flags["port"], flags["health-port"], flags["metrics-port"]} <= set(expose), service
+    # the image's default command is the localizer, with the same flags as its manifest
+    command, args, _image = servers["localizer"]
+    assert cmd[:3] == command and all(a in args for a in cmd[3:])
+    (cpu_expose,) = [i.args.split() for i in final_stage(parse(CPU_FILE)) if i.op == "EXPOSE"]
     assert set(expose) <= set(cpu_expose)
+    assert not [p for p in DOCKER.glob("Dockerfile.*") if p not in ALL_FILES]  # no per-service GPU images
 
 
 def test_dockerignore_keeps_the_context_small_and_clean():
@@ -238,3 +324,5 @@ def test_dockerignore_keeps_the_context_small_and_clean():
         assert must in ignored, must
     for needed in ("services", "client", "protos", "pyproject.toml", "README.md"):
         assert needed not in ignored, needed
+    # docker/ is left out, except the files the Dockerfiles copy from it
+    assert "docker" in ignored and {"!docker/requirements-*.lock", "!docker/gpu_selfcheck.py"} <= ignored
