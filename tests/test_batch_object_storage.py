@@ -232,3 +232,17 @@ def test_a_full_server_is_waited_out_not_failed(fakes, tmp_path):
     assert summary["failed"] == [] and sorted(summary["done_now"]) == ["b0", "b1", "b2"], summary
     assert any("is full; retrying" in line for line in lines), lines
     assert len(busy.learner.jobs) == 3
+
+
+def test_an_unwritable_bucket_is_one_clear_line_before_any_work(s3, fakes, tmp_path):
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    (photos / "a.png").write_bytes(_png(50))
+    calls = fakes.localizer.calls
+    done = subprocess.run([sys.executable, "-m", "client", "batch", str(photos), "--out", "s3://no-such-ice-bucket/r",
+                           *QUICK, *_targets(fakes)], cwd=REPO, env={**os.environ, **s3.env, "PYTHONPATH": str(REPO)},
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2, done.stderr
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("ice: cannot write to the output location s3://no-such-ice-bucket/r")
+    assert fakes.localizer.calls == calls  # refused before any call
