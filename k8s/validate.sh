@@ -42,9 +42,10 @@ read -r -a versions <<< "${K8S_VERSIONS:-1.33.0 1.37.0}"
 # Kinds that come from CRDs, not from Kubernetes itself.
 crd_kinds="ServiceMonitor"
 
-# Every entry point: the overlays, the batch Jobs, and an overlay with the optional ServiceMonitor component.
+# Every entry point: the overlays, the batch Jobs, and overlays with the optional components (ServiceMonitor,
+# bundle image volume).
 targets=(overlays/gke overlays/eks overlays/aks overlays/dev-cpu batch/extract batch/extract-bucket
-         batch/assemble-bundle examples/gke-with-servicemonitor)
+         batch/assemble-bundle examples/gke-with-servicemonitor examples/gke-with-bundle-image)
 
 tmp="$(mktemp -d)"
 trap 'rm -rf "$tmp"' EXIT

@@ -314,7 +314,17 @@ def test_one_gpu_image_serves_every_service_on_its_ports():
     assert cmd[:3] == command and all(a in args for a in cmd[3:])
     (cpu_expose,) = [i.args.split() for i in final_stage(parse(CPU_FILE)) if i.op == "EXPOSE"]
     assert set(expose) <= set(cpu_expose)
-    assert not [p for p in DOCKER.glob("Dockerfile.*") if p not in ALL_FILES]  # no per-service GPU images
+    # no per-service GPU images (Dockerfile.bundle packs a bundle as data, for image volumes)
+    assert not [p for p in DOCKER.glob("Dockerfile.*") if p not in [*ALL_FILES, DOCKER / "Dockerfile.bundle"]]
+
+
+def test_bundle_image_is_data_only_under_its_version_folder():
+    instrs = parse(DOCKER / "Dockerfile.bundle")
+    assert [i.args for i in instrs if i.op == "FROM"] == ["scratch"]
+    assert not [i for i in instrs if i.op in ("RUN", "CMD", "ENTRYPOINT", "ADD")]
+    (copy,) = [i.args for i in instrs if i.op == "COPY"]
+    assert copy == ". /${VERSION}/"  # the bundle folder (the build context), at <version>/ like bundles/<version>/
+    assert "VERSION" in [i.args for i in instrs if i.op == "ARG"]
 
 
 def test_dockerignore_keeps_the_context_small_and_clean():

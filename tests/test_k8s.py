@@ -28,12 +28,13 @@ KUBECTL = shutil.which("kubectl")
 GPU_OVERLAYS = ["overlays/gke", "overlays/eks", "overlays/aks"]
 OVERLAYS = [*GPU_OVERLAYS, "overlays/dev-cpu"]
 BATCH = ["batch/extract", "batch/extract-bucket", "batch/assemble-bundle"]
-ALL_TARGETS = [*OVERLAYS, *BATCH, "examples/gke-with-servicemonitor"]
+ALL_TARGETS = [*OVERLAYS, *BATCH, "examples/gke-with-servicemonitor", "examples/gke-with-bundle-image"]
 SERVICES = {"localizer", "learner", "evaluator"}
 WORKLOAD_KINDS = ("Deployment", "StatefulSet", "Job")
 SERVER_KINDS = ("Deployment", "StatefulSet")
-# Volume types the `restricted` Pod Security Standard allows (the overlays' namespaces enforce it).
-RESTRICTED_VOLUMES = {"configMap", "csi", "downwardAPI", "emptyDir", "ephemeral", "persistentVolumeClaim",
+# Volume types the `restricted` Pod Security Standard allows (the overlays' namespaces enforce it); `image`
+# volumes from Kubernetes 1.33 on.
+RESTRICTED_VOLUMES = {"configMap", "csi", "downwardAPI", "emptyDir", "ephemeral", "image", "persistentVolumeClaim",
                       "projected", "secret"}
 
 needs_kubectl = pytest.mark.skipif(KUBECTL is None, reason="kubectl (with Kustomize) is not installed")
@@ -835,3 +836,24 @@ def test_documented_machines_are_the_ones_the_checks_use():
         assert re.fullmatch(r"\d+", str(node["driver"])) and f"{node['driver']}" in doc
         overlay = (K8S / "overlays" / cloud / "kustomization.yaml").read_text()
         assert node["machine"] in overlay, (cloud, "the overlay names its machine")
+
+
+def test_bundle_image_volume_replaces_the_share_for_the_bundle_only(rendered):
+    """The optional component: the bundle from a node-cached OCI image (by digest), mounted whole at /models where
+    ICE_BUNDLE and the pin look; everything else as in the overlay it is added to."""
+    objs, base = rendered["examples/gke-with-bundle-image"], rendered["overlays/gke"]
+    configmaps = {o["metadata"]["name"]: o.get("data", {}) for o in of_kind(objs, "ConfigMap")}
+    for w in server_workloads(objs):
+        pod = pod_spec(w)
+        (volume,) = [v for v in pod["volumes"] if v["name"] == "bundle"]
+        assert set(volume) == {"name", "image"}
+        assert re.fullmatch(r"[^@]+@sha256:[0-9a-f]{64}", volume["image"]["reference"])
+        for c in [*pod["initContainers"], main_container(w)]:
+            (mount,) = [m for m in c["volumeMounts"] if m["name"] == "bundle"]
+            assert mount == {"name": "bundle", "mountPath": "/models", "readOnly": True}
+        bundle = next(configmaps[r["configMapRef"]["name"]] for r in main_container(w)["envFrom"]
+                      if r["configMapRef"]["name"].startswith("ice-bundle"))["ICE_BUNDLE"]
+        assert bundle.startswith("/models/")
+        (twin,) = [b for b in server_workloads(base) if b["metadata"]["name"] == w["metadata"]["name"]]
+        assert [v for v in pod["volumes"] if v["name"] != "bundle"] == [
+            v for v in pod_spec(twin)["volumes"] if v["name"] != "bundle"]
