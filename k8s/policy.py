@@ -321,6 +321,9 @@ def check_learner_scaling(objs) -> list[str]:
         if ACTIVE_JOBS_METRIC not in names:
             failures.append(f"{name(hpa)} scales on {names}: a replica training with an empty queue reports 0 "
                             f"and scale-in removes it mid-job; scale on {ACTIVE_JOBS_METRIC} (queued + running)")
+        if "replicas" in w["spec"]:
+            failures.append(f"{name(w)} sets replicas ({w['spec']['replicas']}) while {name(hpa)} owns the count: "
+                            f"every apply would scale the learners in, cutting or draining their jobs")
     c = main_container(w)
     hook = c.get("lifecycle", {}).get("preStop", {})
     command = hook.get("exec", {}).get("command", [])

@@ -741,6 +741,10 @@ def _break_hpa_metric(r):  # item 6: queued jobs only
     hpa["spec"]["metrics"][0]["pods"]["metric"]["name"] = "ice_learner_queue_depth"
 
 
+def _break_learner_replicas(r):  # item 6: a count that every apply would restore, scaling the learners in
+    _by(r["overlays/gke"], "StatefulSet", "ice-learner")["spec"]["replicas"] = 2
+
+
 def _break_learner_drain(r):  # item 6 and 9: no drain before the learner stops
     del main_container(_by(r["overlays/eks"], "StatefulSet", "ice-learner"))["lifecycle"]
 
@@ -803,6 +807,7 @@ def _break_cluster_domain(r):  # item 10
     (_break_learner_cpu, "node-fit", "requests cpu 4"),
     (_break_hpa_metric, "learner-scaling", "ice_learner_queue_depth"),
     (_break_learner_drain, "learner-scaling", "no preStop drain"),
+    (_break_learner_replicas, "learner-scaling", "owns the count"),
     (_break_batch_load, "batch-load", "16 learning jobs in flight"),
     (_break_batch_grace, "batch-load", "terminationGracePeriodSeconds 10"),
     (_break_replicas, "availability", "1 replica(s)"),
