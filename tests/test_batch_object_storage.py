@@ -246,3 +246,19 @@ def test_an_unwritable_bucket_is_one_clear_line_before_any_work(s3, fakes, tmp_p
     lines = done.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("ice: cannot write to the output location s3://no-such-ice-bucket/r")
     assert fakes.localizer.calls == calls  # refused before any call
+
+
+def test_file_urls_are_local_folders(fakes, tmp_path):
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    for i in range(2):
+        (photos / f"f{i}.png").write_bytes(_png(60 + i))
+    items = list_items(f"file://{photos}")
+    assert [i.id for i in items] == ["f0", "f1"] and items[0].image == f"file://{photos}/f0.png"
+    out = tmp_path / "out"
+    with fakes.client() as ice:
+        summary = run_batch(ice, items, f"file://{out}", _options(), concurrency=2, log=lambda line: None)
+    assert summary["failed"] == [] and summary["done"] == 2
+    assert json.loads((out / "f0" / ".done").read_text())["image"] == f"file://{photos}/f0.png"
+    assert (out / "f1" / "report.html").is_file() and (out / "index.html").is_file()
+    assert Store(f"file://{out}").local  # written in place, atomically, like a plain path
