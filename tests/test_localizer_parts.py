@@ -101,12 +101,22 @@ def test_word_positions_cover_every_token_of_a_multi_token_noun(tiny_bundle):
 
 
 def test_default_vocabulary_is_valid_large_and_reproducible(tmp_path):
+    import wordfreq
+
     words, pos, freq = read_vocab_tsv(build_vocab.DEFAULT_VOCAB)
-    assert sum(p == "noun" for p in pos) >= 1000
+    # as large as the published retriever's window of SpLiCE's LAION vocabulary
+    assert len(words) == 15_000 and len(set(words)) == len(words)
+    assert sum(p == "noun" for p in pos) >= 8000
+    tag = dict(zip(words, pos, strict=True))
     for w in ("red", "blue", "wooden", "metal", "glossy", "striped", "color", "material", "texture", "cup"):
         assert w in words
-    assert all(w == w.lower() and " " not in w for w in words)
+    assert tag["dog"] == tag["cup"] == tag["mountain"] == tag["goldfinch"] == "noun"  # written, word lists, ImageNet
+    assert tag["red"] == tag["wooden"] == "adjective" and tag["eat"] == "verb"  # from the part-of-speech lexicon
+    assert not {"the", "of", "and", "very"} & set(words)  # function words and adverbs are left out
+    assert all(w == w.lower() and w.isalpha() for w in words)
     assert list(freq) == sorted(freq, reverse=True)
+    # frequencies are wordfreq's, per billion words
+    assert freq[words.index("people")] == round(wordfreq.word_frequency("people", "en", wordlist="large") * 1e9)
     out = tmp_path / "v.tsv"
     build_vocab.write(out)
     assert out.read_bytes() == build_vocab.DEFAULT_VOCAB.read_bytes()
@@ -153,6 +163,27 @@ def test_retriever_filters_and_noun_choice(localizer, photo):
     ref = vocab.text[vocab.index(first.noun)]
     assert first.noun not in kept
     assert all(float(vocab.text[vocab.index(k)] @ ref) < 0.85 for k in kept)
+
+
+def test_negative_filter_compares_plain_text_embeddings(localizer, tiny_bundle, photo):
+    """The previous noun's near duplicates are found among the words' plain L2-normalised CLIP text embeddings
+    (as the published filter does), not among rows of the centred dictionary."""
+    r, vocab = localizer.retriever, localizer.retriever.vocab
+    model, _, tok = tiny_bundle.load_clip()
+    with torch.no_grad():
+        plain = F.normalize(model.encode_text(tok(vocab.words)).float(), dim=-1)
+    torch.testing.assert_close(vocab.plain, plain, atol=1e-5, rtol=0)
+    w = r.solver.solve(r.embed([photo])[0]).weights
+    candidates = r.rank(w, previous_noun=None)
+    plain_cos, centred_cos = plain @ plain.T, vocab.text @ vocab.text.T
+    # a previous noun that duplicates a candidate in the plain space but not in the centred one
+    pairs = [(i, j) for i in candidates for j in range(len(vocab))
+             if j != i and plain_cos[i, j] >= 0.85 and centred_cos[i, j] < 0.85]
+    assert pairs
+    i, j = pairs[0]
+    kept = r.rank(w, previous_noun=vocab.words[j])
+    assert i not in kept
+    assert kept == [k for k in candidates if float(plain_cos[k, j]) < 0.85]
 
 
 def test_reranker_hook_reorders(localizer, photo):

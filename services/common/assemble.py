@@ -134,19 +134,33 @@ def export_clip_onnx(clip_model, path: Path, image_size: int, opset: int = ONNX_
 
 
 @torch.no_grad()
-def compute_text_dictionary(clip_model, tokenize, words: list[str], batch: int = 256) -> torch.Tensor:
-    """SpLiCE dictionary: encode each word alone, L2-normalise, subtract the mean over words, L2-normalise."""
+def embed_words(clip_model, tokenize, words: list[str], batch: int = 256) -> torch.Tensor:
+    """The plain text embeddings: each word encoded alone (no prompt template), L2-normalised. [V, D]"""
     chunks = []
     for i in range(0, len(words), batch):
         tokens = tokenize(words[i : i + batch])
         chunks.append(clip_model.encode_text(tokens).float())
-    emb = torch.nn.functional.normalize(torch.cat(chunks), dim=-1)
-    emb = emb - emb.mean(dim=0, keepdim=True)
-    return torch.nn.functional.normalize(emb, dim=-1).contiguous()
+    return torch.nn.functional.normalize(torch.cat(chunks), dim=-1).contiguous()
 
 
-def load_mean_images(source: str | Path | None) -> tuple[list, str]:
-    """(list of PIL RGB images, description). `source` None -> scikit-image's shipped photographs."""
+def centre_dictionary(plain: torch.Tensor) -> torch.Tensor:
+    """SpLiCE dictionary from plain (normalised) embeddings: subtract the mean over words, L2-normalise."""
+    return torch.nn.functional.normalize(plain - plain.mean(dim=0, keepdim=True), dim=-1).contiguous()
+
+
+def compute_text_dictionary(clip_model, tokenize, words: list[str], batch: int = 256) -> torch.Tensor:
+    """SpLiCE dictionary: encode each word alone, L2-normalise, subtract the mean over words, L2-normalise."""
+    return centre_dictionary(embed_words(clip_model, tokenize, words, batch))
+
+
+def _image_files(folder: Path) -> list[Path]:
+    """The images of `folder` and its sub-folders (a photo collection such as MSCOCO's train2017), sorted."""
+    return sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+
+
+def load_mean_images(source: str | Path | None) -> tuple[Iterable, str, int]:
+    """(PIL RGB images, read one at a time; description; count). `source` None -> scikit-image's shipped
+    photographs; else a folder of images (searched recursively)."""
     from PIL import Image
 
     if source is None:
@@ -154,40 +168,189 @@ def load_mean_images(source: str | Path | None) -> tuple[list, str]:
             import skimage.data as skd
         except ImportError:
             raise BundleError("scikit-image is not installed; pass --image-mean-from DIR", None) from None
-        images = []
-        for name in SKIMAGE_PHOTOS:
-            arr = np.asarray(getattr(skd, name)())
-            if arr.dtype == bool:
-                arr = arr.astype(np.uint8) * 255
-            images.append(Image.fromarray(arr).convert("RGB"))
-        return images, "skimage.data:" + ",".join(SKIMAGE_PHOTOS)
+
+        def shipped():
+            for name in SKIMAGE_PHOTOS:
+                arr = np.asarray(getattr(skd, name)())
+                if arr.dtype == bool:
+                    arr = arr.astype(np.uint8) * 255
+                yield Image.fromarray(arr).convert("RGB")
+
+        return shipped(), "skimage.data:" + ",".join(SKIMAGE_PHOTOS), len(SKIMAGE_PHOTOS)
     folder = Path(source)
-    files = (
-        sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES) if folder.is_dir() else []
-    )
+    files = _image_files(folder) if folder.is_dir() else []
     if not files:
         raise BundleError("no images (png/jpg/webp/bmp/tif) found", str(folder))
-    images = []
-    for p in files:
-        try:
-            with Image.open(p) as im:
-                images.append(im.convert("RGB"))
-        except Exception as e:  # noqa: BLE001 - PIL raises many kinds
-            raise BundleError(f"cannot read image: {e}", str(p)) from None
-    return images, f"dir:{folder.name}:{len(images)} images"
+
+    def read():
+        for p in files:
+            try:
+                with Image.open(p) as im:
+                    yield im.convert("RGB")
+            except Exception as e:  # noqa: BLE001 - PIL raises many kinds
+                raise BundleError(f"cannot read image: {e}", str(p)) from None
+
+    return read(), f"dir:{folder.name}:{len(files)} images", len(files)
 
 
 @torch.no_grad()
-def compute_image_mean(clip_model, preprocess, images: Iterable, batch: int = 16) -> torch.Tensor:
-    """Mean of the L2-normalised CLIP image embeddings of `images` (PIL)."""
-    images = list(images)
-    total = None
-    for i in range(0, len(images), batch):
-        x = torch.stack([preprocess(im) for im in images[i : i + batch]])
+def compute_image_mean(clip_model, preprocess, images: Iterable, batch: int = 16,
+                       progress: Progress = _noop, total: int | None = None) -> torch.Tensor:
+    """Mean of the L2-normalised CLIP image embeddings of `images` (PIL), read and embedded a batch at a time."""
+    total_sum, count, chunk = None, 0, []
+
+    def flush():
+        nonlocal total_sum, count
+        x = torch.stack([preprocess(im) for im in chunk])
         z = torch.nn.functional.normalize(clip_model.encode_image(x).float(), dim=-1)
-        s = z.sum(dim=0)
-        total = s if total is None else total + s
-    return (total / len(images)).contiguous()
+        total_sum = z.sum(dim=0) if total_sum is None else total_sum + z.sum(dim=0)
+        count += len(chunk)
+        chunk.clear()
+        if total and count % (batch * 64) == 0:
+            progress(f"  {count}/{total} images embedded")
+
+    for im in images:
+        chunk.append(im)
+        if len(chunk) == batch:
+            flush()
+    if chunk:
+        flush()
+    if count == 0:
+        raise BundleError("no images to average", None)
+    return (total_sum / count).contiguous()
+
+
+MEAN_FILE_SUFFIXES = (".npy", ".safetensors")
+
+
+def read_image_mean(path: str | Path, dim: int) -> tuple[torch.Tensor, str, int | None]:
+    """A precomputed image mean: ``.npy`` (read without pickle) or ``.safetensors`` (a single tensor, or one
+    named ``image_mean``), shape [D] or [1, D], the mean of L2-normalised CLIP image embeddings (SpLiCE's
+    ``open_clip_ViT-B-32_image.pt`` holds this; convert it to .npy first, pickles are refused). Returns
+    (mean [D] float32, description, image count or None)."""
+    path = Path(path)
+    if path.suffix.lower() in PICKLE_SUFFIXES:
+        raise BundleError(
+            "a pickled tensor is refused (pickles can execute code); convert it once, e.g. python -c \"import "
+            "numpy, torch; numpy.save('mean.npy', torch.load('FILE', weights_only=True).float().numpy())\"",
+            str(path))
+    if path.suffix.lower() not in MEAN_FILE_SUFFIXES:
+        raise BundleError(f"an image mean must be a folder of images or a {' or '.join(MEAN_FILE_SUFFIXES)} file",
+                          str(path))
+    count = None
+    try:
+        if path.suffix.lower() == ".npy":
+            array = np.load(path, allow_pickle=False)
+        else:
+            from safetensors import safe_open
+
+            with safe_open(str(path), framework="np") as f:
+                keys = list(f.keys())
+                key = "image_mean" if "image_mean" in keys else (keys[0] if len(keys) == 1 else None)
+                if key is None:
+                    raise BundleError(f"expected one tensor or one named 'image_mean', found {keys}", str(path))
+                array = f.get_tensor(key)
+                meta = f.metadata() or {}
+                count = int(meta["count"]) if str(meta.get("count", "")).isdigit() else None
+    except BundleError:
+        raise
+    except Exception as e:  # noqa: BLE001 - numpy and safetensors raise several kinds
+        raise BundleError(f"cannot read the image mean: {e}", str(path)) from None
+    array = np.asarray(array)
+    if array.ndim == 2 and array.shape[0] == 1:
+        array = array[0]
+    if array.ndim != 1 or array.shape[0] != dim or not np.issubdtype(array.dtype, np.floating):
+        raise BundleError(f"expected a float vector of the CLIP embedding size {dim}, got {array.dtype} "
+                          f"{tuple(array.shape)}", str(path))
+    if not np.isfinite(array).all():
+        raise BundleError("the image mean has non-finite values", str(path))
+    digest = B.sha256_file(path)[:16]
+    return torch.from_numpy(array.astype(np.float32)).contiguous(), f"file:{path.name}:sha256:{digest}", count
+
+
+def write_image_mean(mean: torch.Tensor, out: str | Path, count: int, source: str) -> Path:
+    """Save an image mean as ``.npy`` or ``.safetensors`` (by `out`'s suffix), readable by `read_image_mean`."""
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    if out.suffix.lower() == ".npy":
+        np.save(out, mean.float().numpy(), allow_pickle=False)
+    elif out.suffix.lower() == ".safetensors":
+        from safetensors.torch import save_file
+
+        save_file({"image_mean": mean.float().contiguous()}, str(out), metadata={"count": str(count), "source": source})
+    else:
+        raise ValueError(f"{out}: the image mean is written as .npy or .safetensors")
+    return out
+
+
+def image_mean_from_folder(folder: str | Path, clip_model, preprocess, progress: Progress = _noop) -> tuple[torch.Tensor, int]:
+    """(mean of the L2-normalised image embeddings of every image under `folder`, number of images)."""
+    images, _, count = load_mean_images(folder)
+    progress(f"embedding {count} images")
+    return compute_image_mean(clip_model, preprocess, images, progress=progress, total=count), count
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# vocabularies: ours (word, pos, frequency) and SpLiCE's (one word a line)
+
+SPLICE_WINDOW = 15_000  # the published retriever keeps the 15,000 most frequent words of SpLiCE's LAION list
+VOCAB_FORMATS = ("auto", "tsv", "splice")
+
+
+def read_splice_vocab(path: str | Path, size: int | None = SPLICE_WINDOW) -> list[tuple[str, float]]:
+    """SpLiCE's vocabulary file: one word a line, from least to most frequent, each optionally followed by
+    ``", count"``. Returns the last `size` distinct non-empty words (all when None) as (word, frequency), most
+    frequent first; frequency = the count when the file has one, else the line number (later = more frequent)."""
+    path = Path(path)
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except FileNotFoundError:
+        raise BundleError("file not found", str(path)) from None
+    except UnicodeDecodeError as e:
+        raise BundleError(f"not UTF-8 text: {e}", str(path)) from None
+    entries: list[tuple[str, float]] = []
+    for lineno, line in enumerate(lines, start=1):
+        word, sep, count = line.partition(", ")
+        word = word.strip()
+        if not word:  # SpLiCE's older LAION list has one empty entry near its end: it is no word
+            continue
+        if "\t" in word:
+            raise BundleError(f"line {lineno}: a tab in {line!r}; this is not SpLiCE's one-word-a-line format",
+                              str(path))
+        try:
+            frequency = float(count) if sep else float(lineno)
+        except ValueError:
+            raise BundleError(f"line {lineno}: count {count!r} is not a number", str(path)) from None
+        entries.append((word, frequency))
+    ordered: dict[str, float] = {}
+    for word, frequency in reversed(entries):  # most frequent first; a repeated word keeps its later line
+        ordered.setdefault(word, frequency)
+    words = list(ordered.items())
+    if size is not None:
+        words = words[:size]
+    if not words:
+        raise BundleError("vocabulary is empty", str(path))
+    return words
+
+
+def vocab_format_of(path: str | Path) -> str:
+    """'tsv' (our word/pos/frequency file) or 'splice' (one word a line), from the file's first line."""
+    with open(path, encoding="utf-8", errors="replace") as f:
+        first = f.readline().rstrip("\r\n")
+    return "tsv" if first.split("\t") == B.VOCAB_HEADER else "splice"
+
+
+def splice_to_tsv(src: str | Path, dst: str | Path, size: int | None = SPLICE_WINDOW) -> dict:
+    """Convert SpLiCE's vocabulary file to ours, tagging each word with the part-of-speech lexicon
+    (`services.common.lexicon`). Returns counts for bundle.json."""
+    from services.common.lexicon import tag_word
+
+    words = read_splice_vocab(src, size)
+    tags = [tag_word(w) for w, _ in words]
+    rows = ["\t".join(B.VOCAB_HEADER)] + [f"{w}\t{tag}\t{f:.15g}" for (w, f), (tag, _) in zip(words, tags, strict=True)]
+    Path(dst).write_text("\n".join(rows) + "\n", encoding="utf-8")
+    return {"source_format": "splice", "source_window": size, "pos_from_lexicon": sum(known for _, known in tags),
+            "pos_unknown_as_noun": sum(not known for _, known in tags)}
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -263,11 +426,13 @@ def finalize_bundle(
     precision: str,
     image_mean_from: str | Path | None = None,
     recommended: dict | None = None,
+    vocab_info: dict | None = None,
     progress: Progress = _noop,
 ) -> dict:
     """Given diffusion/, clip/{config,weights}, dino/ and vocab/vocab.tsv in `root`: convert the weights to
-    `precision`, export ONNX, embed the vocabulary and the image mean, write the recommended options and
-    bundle.json. Returns the bundle info."""
+    `precision`, export ONNX, embed the vocabulary (plain and centred) and the image mean (`image_mean_from`:
+    None = scikit-image's photos, a folder of images, or a precomputed .npy/.safetensors mean), write the
+    recommended options and bundle.json (`vocab_info` is added to its vocab summary). Returns the bundle info."""
     from safetensors.torch import save_file
 
     root = Path(root)
@@ -292,13 +457,18 @@ def finalize_bundle(
     from open_clip.tokenizer import SimpleTokenizer
 
     tokenize = SimpleTokenizer(context_length=int(cfg["text_cfg"].get("context_length", 77)))
-    text = compute_text_dictionary(model, tokenize, words)
-    images, mean_source = load_mean_images(image_mean_from)
-    progress(f"computing the CLIP image mean over {len(images)} images")
-    image_mean = compute_image_mean(model, B.clip_image_transform(pre), images)
-    save_file(
-        {"text": text, "image_mean": image_mean}, str(root / B.VOCAB_EMBEDDINGS), metadata={"format": "pt"}
-    )
+    plain = embed_words(model, tokenize, words)
+    text = centre_dictionary(plain)
+    if image_mean_from is not None and Path(image_mean_from).is_file():
+        image_mean, mean_source, mean_count = read_image_mean(image_mean_from, int(text.shape[1]))
+        progress(f"image mean read from {Path(image_mean_from).name}")
+    else:
+        images, mean_source, mean_count = load_mean_images(image_mean_from)
+        progress(f"computing the CLIP image mean over {mean_count} images")
+        image_mean = compute_image_mean(model, B.clip_image_transform(pre), images, progress=progress,
+                                        total=mean_count)
+    save_file({"text": text, "text_plain": plain, "image_mean": image_mean}, str(root / B.VOCAB_EMBEDDINGS),
+              metadata={"format": "pt"})
 
     dino_cfg = json.loads((root / B.DINO_DIR / "config.json").read_text())
     clip_sha = B.sha256_file(root / B.CLIP_WEIGHTS)
@@ -325,7 +495,9 @@ def finalize_bundle(
             "embedding_model": cfg["model_name"],
             "embedding_model_sha256": clip_sha,
             "image_mean_source": mean_source,
-            "image_mean_count": len(images),
+            "image_mean_count": mean_count,
+            "plain_embeddings": True,
+            **(vocab_info or {}),
         },
     }
     progress("hashing files and writing bundle.json")
@@ -454,6 +626,8 @@ def assemble_bundle(
     vocab_tsv: str | Path,
     image_mean_from: str | Path | None = None,
     *,
+    vocab_format: str = "auto",
+    vocab_size: int | None = None,
     name: str | None = None,
     version: str = "1",
     precision: str = "float16",
@@ -463,7 +637,12 @@ def assemble_bundle(
     kind: str = "assembled",
     progress: Progress = _noop,
 ) -> Path:
-    """Build a bundle at `out` from local weights (see the module docstring). Returns `out`."""
+    """Build a bundle at `out` from local weights (see the module docstring). Returns `out`.
+
+    `vocab_tsv` is our vocabulary file (word, pos, frequency) or SpLiCE's (one word a line, least to most
+    frequent, optional ", count"); `vocab_format` "auto" tells them apart by the first line. `vocab_size` keeps
+    that many of the most frequent words: for SpLiCE's file the default is its last 15,000 lines, as the
+    published retriever takes; for ours, every word."""
     out, sd_dir, dino_dir = Path(out), Path(sd_dir), Path(dino_dir)
     open_clip_config, open_clip_weights, vocab_tsv = (
         Path(open_clip_config),
@@ -472,6 +651,13 @@ def assemble_bundle(
     )
     if precision not in ("float32", "float16", "bfloat16"):
         raise ValueError(f"precision must be float32, float16 or bfloat16, not {precision!r}")
+    if vocab_format not in VOCAB_FORMATS:
+        raise ValueError(f"vocab_format must be one of {VOCAB_FORMATS}, not {vocab_format!r}")
+    if vocab_size is not None and vocab_size < 1:
+        raise ValueError(f"vocab_size must be positive, not {vocab_size}")
+    if image_mean_from is not None and not Path(image_mean_from).exists():
+        raise BundleError("image mean source not found (a folder of images, or a .npy/.safetensors mean)",
+                          str(image_mean_from))
     if open_clip_weights.suffix != ".safetensors":
         raise BundleError(
             "open_clip weights must be a .safetensors file (pickles are refused)", str(open_clip_weights)
@@ -481,7 +667,12 @@ def assemble_bundle(
             raise BundleError("file not found", str(p))
     if not (sd_dir / "model_index.json").is_file():
         raise BundleError("not a diffusers pipeline directory (no model_index.json)", str(sd_dir))
-    B.read_vocab_tsv(vocab_tsv, rel=str(vocab_tsv))
+    if vocab_format == "auto":
+        vocab_format = vocab_format_of(vocab_tsv)
+    if vocab_format == "tsv":
+        B.read_vocab_tsv(vocab_tsv, rel=str(vocab_tsv))
+    else:
+        read_splice_vocab(vocab_tsv, vocab_size or SPLICE_WINDOW)
     try:
         raw_cfg = json.loads(open_clip_config.read_text(encoding="utf-8"))
         clip_cfg = B.normalise_open_clip_config(raw_cfg, model_name=open_clip_config.stem)
@@ -519,7 +710,19 @@ def assemble_bundle(
                 tmp / B.DINO_DIR
             )
         (tmp / "vocab").mkdir()
-        shutil.copyfile(vocab_tsv, tmp / B.VOCAB_TSV)
+        vocab_info = {"source_file": vocab_tsv.name}
+        if vocab_format == "splice":
+            progress(f"converting SpLiCE's vocabulary {vocab_tsv.name} (the {vocab_size or SPLICE_WINDOW} most "
+                     "frequent words, parts of speech from the lexicon)")
+            vocab_info |= splice_to_tsv(vocab_tsv, tmp / B.VOCAB_TSV, vocab_size or SPLICE_WINDOW)
+        elif vocab_size is not None:
+            words, pos, freq = B.read_vocab_tsv(vocab_tsv, rel=str(vocab_tsv))
+            keep = np.argsort(-freq, kind="stable")[:vocab_size]
+            rows = ["\t".join(B.VOCAB_HEADER)] + [f"{words[i]}\t{pos[i]}\t{freq[i]:.15g}" for i in sorted(keep)]
+            (tmp / B.VOCAB_TSV).write_text("\n".join(rows) + "\n", encoding="utf-8")
+            vocab_info["source_window"] = vocab_size
+        else:
+            shutil.copyfile(vocab_tsv, tmp / B.VOCAB_TSV)
 
         info = finalize_bundle(
             tmp,
@@ -529,6 +732,7 @@ def assemble_bundle(
             precision=precision,
             image_mean_from=image_mean_from,
             recommended=recommended,
+            vocab_info=vocab_info,
             progress=progress,
         )
         commit_staging(tmp, out)

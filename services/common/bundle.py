@@ -17,6 +17,9 @@ A bundle is a directory::
                                      (e.g. a DiffSeg merge threshold calibrated for this UNet's attention)
     vocab/embeddings.safetensors     ``text`` [V,D]: the SpLiCE dictionary (CLIP text embedding of each word alone,
                                      L2-normalised, centred on the mean over words, L2-normalised again);
+                                     ``text_plain`` [V,D]: the same embeddings only L2-normalised (the space of
+                                     the retriever's negative filter; bundles made before it was stored lack it
+                                     and get it computed from their CLIP text tower when loaded);
                                      ``image_mean`` [D]: mean of L2-normalised CLIP image embeddings
 
 Every load is local (``local_files_only``, safetensors only, never pickle). Any missing, corrupt or unloadable file
@@ -148,6 +151,7 @@ class Vocabulary:
     frequency: np.ndarray
     text: torch.Tensor  # float32 [V, D], centred then L2-normalised (the SpLiCE dictionary)
     image_mean: torch.Tensor  # float32 [D]
+    plain: torch.Tensor | None = None  # float32 [V, D], only L2-normalised (the negative filter's space)
     _index: dict[str, int] = field(default_factory=dict, repr=False)
 
     def __post_init__(self):
@@ -627,7 +631,22 @@ class Bundle:
                 )
             if image_mean.shape != (text.shape[1],):
                 raise BundleError(f"image_mean has shape {tuple(image_mean.shape)}", VOCAB_EMBEDDINGS)
-            return Vocabulary(words=words, pos=pos, frequency=freq, text=text, image_mean=image_mean)
+            if "text_plain" in tensors:
+                plain = tensors["text_plain"].float()
+                if plain.shape != text.shape:
+                    raise BundleError(f"text_plain has shape {tuple(plain.shape)}, expected {tuple(text.shape)}",
+                                      VOCAB_EMBEDDINGS)
+            else:  # a bundle made before the plain embeddings were stored: compute them as assemble would
+                import logging
+
+                from services.common.assemble import embed_words
+
+                logging.getLogger("ice.bundle").warning(
+                    "%s has no text_plain (an older bundle): computing the plain text embeddings of %d words "
+                    "from its CLIP text tower", VOCAB_EMBEDDINGS, len(words))
+                model, _, tokenize = self.load_clip()
+                plain = embed_words(model, tokenize, words)
+            return Vocabulary(words=words, pos=pos, frequency=freq, text=text, image_mean=image_mean, plain=plain)
 
         return self._cached("vocab", build)
 

@@ -2,7 +2,8 @@
 
     ice-bundle tiny --out DIR [--seed N] [--force]
     ice-bundle assemble --out DIR --diffusion DIR --open-clip-config FILE --open-clip-weights FILE --dino DIR \\
-        [--vocab FILE] [--image-mean-from DIR] [--name NAME] [--precision float16] [--force]
+        [--vocab FILE [--vocab-size N]] [--image-mean-from DIR|FILE] [--name NAME] [--precision float16] [--force]
+    ice-bundle image-mean PHOTOS_DIR --out mean.npy (--bundle DIR | --open-clip-config FILE --open-clip-weights FILE)
     ice-bundle verify DIR
 
 Exit codes: 0 ok, 1 a bundle problem (one line naming the file on stderr), 2 bad arguments.
@@ -57,10 +58,19 @@ def _parser() -> argparse.ArgumentParser:
     a.add_argument("--open-clip-weights", required=True, type=Path, help="open_clip weights (.safetensors)")
     a.add_argument("--dino", required=True, type=Path, help="transformers ViT (DINO) directory")
     a.add_argument("--vocab", type=Path, default=DEFAULT_VOCAB,
-                   help="vocabulary TSV: word, pos, frequency (default: the shipped default vocabulary, "
+                   help="vocabulary: our TSV (word, pos, frequency) or SpLiCE's file as distributed (one word a "
+                        "line, least to most frequent, optional ', count'; e.g. laion.txt), told apart by the first "
+                        "line (default: the shipped 15,000-word vocabulary, "
                         "services/localizer/data/default_vocab.tsv)")
+    a.add_argument("--vocab-format", choices=["auto", "tsv", "splice"], default="auto",
+                   help="format of --vocab (default: auto)")
+    a.add_argument("--vocab-size", type=int, default=None,
+                   help="keep the N most frequent words (SpLiCE's file: default 15000, its last 15,000 lines, as "
+                        "the published retriever; our TSV: default all)")
     a.add_argument(
-        "--image-mean-from", type=Path, default=None, help="directory of images for the CLIP image mean"
+        "--image-mean-from", type=Path, default=None,
+        help="the CLIP image mean: a folder of photos (searched recursively), or a precomputed mean (.npy or "
+             ".safetensors, e.g. from `ice-bundle image-mean`); default: scikit-image's 15 sample photos",
     )
     a.add_argument("--name", default=None)
     a.add_argument("--version", default="1")
@@ -72,9 +82,51 @@ def _parser() -> argparse.ArgumentParser:
     a.add_argument("--kind", default="assembled", help=argparse.SUPPRESS)
     a.add_argument("--force", action="store_true", help="replace --out if it exists")
 
+    m = sub.add_parser("image-mean", help="compute the retriever's CLIP image mean from a folder of photos")
+    m.add_argument("photos", type=Path, help="folder of photos (searched recursively), e.g. MSCOCO train2017")
+    m.add_argument("--out", required=True, type=Path, help="mean.npy or mean.safetensors")
+    m.add_argument("--bundle", type=Path, default=None, help="use this bundle's CLIP")
+    m.add_argument("--open-clip-config", type=Path, default=None, help="or an open_clip model config JSON ...")
+    m.add_argument("--open-clip-weights", type=Path, default=None, help="... and its weights (.safetensors)")
+
     v = sub.add_parser("verify", help="check hashes and load every component")
     v.add_argument("dir", type=Path)
     return p
+
+
+def _clip_for_mean(args):
+    """(open_clip model, preprocess) from --bundle or --open-clip-config/--open-clip-weights."""
+    import json
+
+    from services.common import bundle as B
+
+    if args.bundle is not None:
+        if args.open_clip_config or args.open_clip_weights:
+            raise ValueError("give --bundle or --open-clip-config/--open-clip-weights, not both")
+        model, preprocess, _ = B.Bundle.open(args.bundle).load_clip()
+        return model, preprocess
+    if args.open_clip_config is None or args.open_clip_weights is None:
+        raise ValueError("image-mean needs --bundle DIR, or --open-clip-config FILE and --open-clip-weights FILE")
+    if args.open_clip_weights.suffix != ".safetensors":
+        raise BundleError("open_clip weights must be a .safetensors file (pickles are refused)",
+                          str(args.open_clip_weights))
+    try:
+        cfg = B.normalise_open_clip_config(json.loads(args.open_clip_config.read_text(encoding="utf-8")),
+                                           model_name=args.open_clip_config.stem)
+    except FileNotFoundError:
+        raise BundleError("file not found", str(args.open_clip_config)) from None
+    except (ValueError, TypeError, KeyError) as e:
+        raise BundleError(f"bad open_clip config: {e}", str(args.open_clip_config)) from None
+    model = B.build_open_clip_model(cfg)
+    from safetensors.torch import load_file
+
+    if not args.open_clip_weights.is_file():
+        raise BundleError("file not found", str(args.open_clip_weights))
+    try:
+        model.load_state_dict({k: v.float() for k, v in load_file(str(args.open_clip_weights)).items()}, strict=True)
+    except RuntimeError as e:
+        raise BundleError(f"weights do not match the config: {e}", str(args.open_clip_weights)) from None
+    return model.eval(), B.clip_image_transform(cfg["preprocess_cfg"])
 
 
 def _read_recommended(path: Path | None) -> dict | None:
@@ -113,6 +165,8 @@ def main(argv: list[str] | None = None) -> int:
                 args.dino,
                 args.vocab,
                 image_mean_from=args.image_mean_from,
+                vocab_format=args.vocab_format,
+                vocab_size=args.vocab_size,
                 name=args.name,
                 version=args.version,
                 precision=args.precision,
@@ -123,6 +177,16 @@ def main(argv: list[str] | None = None) -> int:
                 progress=_say,
             )
             _summary(args.out, t0)
+        elif args.command == "image-mean":
+            from services.common.assemble import image_mean_from_folder, write_image_mean
+
+            if args.out.suffix.lower() not in (".npy", ".safetensors"):
+                raise ValueError(f"--out {args.out}: write the mean as .npy or .safetensors")
+            model, preprocess = _clip_for_mean(args)
+            mean, count = image_mean_from_folder(args.photos, model, preprocess, progress=_say)
+            write_image_mean(mean, args.out, count, source=args.photos.name)
+            _say(f"image mean of {count} images (dim {mean.shape[0]}) written to {args.out}; use it with "
+                 f"`ice-bundle assemble --image-mean-from {args.out}`")
         else:
             from services.common.bundle import Bundle
 

@@ -1,20 +1,28 @@
-"""Regenerate the default vocabulary, ``services/localizer/data/default_vocab.tsv`` (deterministic).
+"""Regenerate the default vocabulary, ``services/localizer/data/default_vocab.tsv`` (deterministic, offline).
 
-    python -m services.localizer.build_vocab [--out FILE]
+    python -m services.localizer.build_vocab [--out FILE] [--size 15000]
 
-Sources, in this order (a word keeps its first position):
-1. Words written for this project (below): common objects, people, animals, food, scenes and "stuff" classes,
-   and the words the learner's intrinsic anchors need (color, material, texture and their values).
-2. The 91 COCO category names of torchvision's detection weights metadata
-   (``FasterRCNN_ResNet50_FPN_Weights.DEFAULT.meta["categories"]``).
-3. The 1,000 ImageNet-1k class names of torchvision's classification weights metadata
-   (``ResNet50_Weights.IMAGENET1K_V2.meta["categories"]``).
-Reading ``.meta`` downloads nothing. Multi-word names keep their head (last) word: "great white shark" -> "shark",
-"traffic light" -> "light"; words are lower-cased, hyphens split, duplicates dropped.
+15,000 words, most frequent first, from data that installable packages ship (nothing is downloaded):
 
-There are no corpus counts offline, so the frequency column is a rank score: the n-th word has frequency
-``total - n + 1`` (our written words first, roughly most common first, then COCO, then ImageNet). Only the order
-matters to the localizer (the lasso uses embeddings, not frequencies).
+1. Curated words, always kept: words written for this project (below: common objects, people, animals, food,
+   scenes and "stuff" classes, and the words the learner's intrinsic anchors need: color, material, texture and
+   their values), the 91 COCO category names of torchvision's detection weights metadata
+   (``FasterRCNN_ResNet50_FPN_Weights.DEFAULT.meta["categories"]``) and the 1,000 ImageNet-1k class names of its
+   classification weights metadata (``ResNet50_Weights.IMAGENET1K_V2.meta["categories"]``); multi-word names keep
+   their head (last) word ("great white shark" -> "shark").
+2. Then the most frequent English words of **wordfreq** 3.1.1 (``top_n_list("en", ..., wordlist="large")``;
+   Apache-2.0 code, CC BY-SA 4.0 data combining Wikipedia, subtitles, news, books, web text, Twitter and Reddit)
+   that are lower-case letters only, at least 2 long, and known to the part-of-speech lexicon as a noun,
+   adjective or verb (function words, adverbs and words known only as proper names are left out), until the
+   vocabulary holds `--size` words.
+
+Part of speech: the curated object words are nouns and the written attribute words adjectives; every other word
+takes its usual tag from the Brill lexicon that **TextBlob** ships (``services.common.lexicon``). Frequency: the
+word's wordfreq frequency in occurrences per billion words (0 for a curated word wordfreq does not know). Rows are
+sorted by frequency, ties in wordfreq's own order, then alphabetically.
+
+The published retriever uses SpLiCE's LAION vocabulary instead (the 15,000 most frequent words of LAION-400m
+captions); `ice-bundle assemble --vocab laion.txt` reads that file as it is distributed.
 """
 
 from __future__ import annotations
@@ -85,8 +93,13 @@ def class_names() -> tuple[list[str], list[str]]:
     return coco, imagenet
 
 
-def build() -> list[tuple[str, str]]:
-    """[(word, pos)] in rank order."""
+DEFAULT_SIZE = 15_000
+WORDFREQ_VERSION = "3.1.1"
+_WORD = re.compile(r"[a-z]{2,}")
+
+
+def curated() -> list[tuple[str, str]]:
+    """[(word, pos)]: the written nouns and adjectives, then the COCO and ImageNet head words (nouns)."""
     rows: list[tuple[str, str]] = []
     seen: set[str] = set()
 
@@ -105,20 +118,55 @@ def build() -> list[tuple[str, str]]:
     return rows
 
 
-def write(path: Path = DEFAULT_VOCAB) -> int:
-    rows = build()
-    total = len(rows)
-    lines = ["word\tpos\tfrequency"] + [f"{w}\t{p}\t{total - i}" for i, (w, p) in enumerate(rows)]
+def build(size: int = DEFAULT_SIZE) -> list[tuple[str, str, int]]:
+    """[(word, pos, frequency per billion words)], most frequent first."""
+    from importlib.metadata import version
+
+    import wordfreq
+
+    from services.common.lexicon import lexicon, tag_word
+
+    if version("wordfreq") != WORDFREQ_VERSION:
+        raise RuntimeError(f"wordfreq {version('wordfreq')} is installed; the shipped vocabulary was built with "
+                           f"{WORDFREQ_VERSION} (pip install wordfreq=={WORDFREQ_VERSION})")
+    rows = curated()
+    if len(rows) > size:
+        raise ValueError(f"--size {size} is below the {len(rows)} curated words")
+    chosen = dict(rows)
+    table = lexicon()
+    ranked = wordfreq.top_n_list("en", 200_000, wordlist="large")
+    for word in ranked:
+        if len(chosen) >= size:
+            break
+        if word in chosen or not _WORD.fullmatch(word) or word not in table:
+            continue
+        pos, _ = tag_word(word)
+        if pos != "other":
+            chosen[word] = pos
+    order = {w: i for i, w in enumerate(ranked)}
+
+    def frequency(word: str) -> int:
+        return round(wordfreq.word_frequency(word, "en", wordlist="large") * 1e9)
+
+    out = [(w, p, frequency(w)) for w, p in chosen.items()]
+    out.sort(key=lambda r: (-r[2], order.get(r[0], len(order)), r[0]))
+    return out
+
+
+def write(path: Path = DEFAULT_VOCAB, size: int = DEFAULT_SIZE) -> int:
+    rows = build(size)
+    lines = ["word\tpos\tfrequency"] + [f"{w}\t{p}\t{f}" for w, p, f in rows]
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("\n".join(lines) + "\n", encoding="utf-8")
-    return total
+    return len(rows)
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", type=Path, default=DEFAULT_VOCAB)
+    ap.add_argument("--size", type=int, default=DEFAULT_SIZE, help="number of words (default 15000)")
     args = ap.parse_args(argv)
-    n = write(args.out)
+    n = write(args.out, args.size)
     print(f"wrote {n} words to {args.out}")
     return 0
 

@@ -3,7 +3,9 @@
 The image is embedded by the bundle's ONNX CLIP image tower (CUDA provider when present, else CPU; one session
 per process, cached by the bundle), L2-normalised, centred on the bundle's image mean and renormalised; its
 non-negative sparse decomposition over the vocabulary dictionary (λ = 0.2) ranks the words. Stop words and
-words too close to the previous round's noun (cosine ≥ 0.85 between dictionary rows) are dropped; an optional
+words too close to the previous round's noun are dropped: cosine ≥ 0.85 between the words' *plain* L2-normalised
+CLIP text embeddings, as the published filter compares them (in the centred dictionary different words are nearly
+orthogonal, so the same threshold there would drop almost nothing); an optional
 re-ranker reorders the survivors; the concept is the first noun (by the vocabulary's part-of-speech column)
 that was not used in an earlier round.
 """
@@ -77,13 +79,14 @@ class Retriever:
 
     def rank(self, weights: torch.Tensor, previous_noun: str | None) -> list[int]:
         """Word indices by decreasing weight, non-zero only, without stop words and the previous noun's near
-        duplicates (cosine of dictionary rows ≥ 0.85)."""
+        duplicates (cosine ≥ 0.85 between plain normalised text embeddings)."""
         order = torch.argsort(weights, descending=True, stable=True)
         order = order[weights[order] > 0].tolist()
         keep = [i for i in order if self.vocab.words[i] not in STOP_WORDS]
         if previous_noun is not None and previous_noun in self.vocab:
-            ref = self.vocab.text[self.vocab.index(previous_noun)]
-            cos = (self.vocab.text[keep] @ ref).tolist() if keep else []
+            plain = self.vocab.plain
+            ref = plain[self.vocab.index(previous_noun)]
+            cos = (plain[keep] @ ref).tolist() if keep else []
             keep = [i for i, c in zip(keep, cos, strict=True) if c < NEGATIVE_COSINE]
         return keep
 
