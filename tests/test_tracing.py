@@ -1,6 +1,6 @@
 """Tracing is off by default and configured by the standard OTEL_* variables (client/tracing.py, used by the SDK
 and by every service's `start_server`). Each case runs in a fresh interpreter: OpenTelemetry's tracer provider is
-process-global and can be set once. The trace across the real services is tests/interop/test_tracing.py."""
+process-global and can be set once. The trace across the real services is tests/interop/test_trace_across_services.py."""
 
 from __future__ import annotations
 
