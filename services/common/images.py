@@ -72,14 +72,53 @@ def _load_pixels(img: Image.Image, field: str) -> Image.Image:
     return img
 
 
+# Pixel modes the PNG, JPEG and WebP decoders produce, and how each reaches 8-bit RGB. 16-bit grayscale PNGs
+# decode to "I;16" (older Pillow: "I", values 0..65535): PIL's own conversion clips those values at 255 (a white
+# image), so they are scaled here; 16-bit colour PNGs already decode to 8-bit "RGB"/"RGBA" (high byte).
+HIGH_BIT_MODES = frozenset({"I;16", "I;16B", "I;16L", "I;16N", "I"})
+EIGHT_BIT_MODES = frozenset({"1", "L", "LA", "La", "P", "PA", "RGB", "RGBA", "RGBa", "RGBX", "CMYK", "YCbCr"})
+
+
+def _scale_high_bit(img: Image.Image) -> Image.Image:
+    """A 16-bit grayscale image as 8-bit "L" (v * 255 / 65535, rounded), or "LA" when a tRNS grey value made
+    some pixels transparent."""
+    values = np.clip(np.asarray(img, dtype=np.int64), 0, 65535)
+    grey = Image.fromarray(((values * 255 + 32767) // 65535).astype(np.uint8), mode="L")
+    transparent = img.info.get("transparency")
+    if isinstance(transparent, int):
+        alpha = Image.fromarray(np.where(values == transparent, 0, 255).astype(np.uint8), mode="L")
+        grey = Image.merge("LA", (grey, alpha))
+    return grey
+
+
+def _key_to_8bit(key, depth: int):
+    """A tRNS colour key (an int or an RGB tuple) of a `depth`-bit PNG in 8-bit units, as PIL's pixels are."""
+    def scale(v: int) -> int:
+        return v >> 8 if depth == 16 else v * 255 // (2**depth - 1)
+
+    return tuple(scale(int(v)) for v in key) if isinstance(key, tuple) else scale(int(key))
+
+
 def decode_image(data: bytes, field: str = "image", limits: ImageLimits = DEFAULT_LIMITS) -> Image.Image:
-    """Decode PNG/JPEG/WebP bytes into an upright RGB PIL image (EXIF orientation applied)."""
+    """Decode PNG/JPEG/WebP bytes into an upright RGB PIL image (EXIF orientation applied). High-bit-depth
+    pixels are scaled to 8 bits; transparent pixels are composited on white; a pixel mode outside
+    `EIGHT_BIT_MODES | HIGH_BIT_MODES` is INVALID_ARGUMENT."""
     img = _load_pixels(_open_checked(data, field, limits), field)
+    if img.mode not in EIGHT_BIT_MODES | HIGH_BIT_MODES:
+        raise InvalidArgument(f"pixel mode {img.mode!r} is not supported (8- or 16-bit grey, palette, RGB, RGBA, "
+                              "CMYK)", field=field)
+    png_depth = data[24] if img.format == "PNG" else 8  # IHDR's bit depth (the header was checked at open)
     try:
         img = ImageOps.exif_transpose(img)
     except Exception as exc:  # a corrupt EXIF block
         raise InvalidArgument("image has a corrupt EXIF orientation block", field=field) from exc
-    if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
+    if png_depth != 8 and img.mode in ("1", "L", "RGB") and "transparency" in img.info:
+        # PIL scales the samples of a 1/2/4/16-bit PNG to 8 bits but keeps tRNS's key in the file's units
+        img.info["transparency"] = _key_to_8bit(img.info["transparency"], png_depth)
+    if img.mode in HIGH_BIT_MODES:
+        img = _scale_high_bit(img)
+    if img.mode in ("RGBA", "LA", "PA", "La", "RGBa") or (
+            img.mode in ("P", "L", "RGB", "1") and "transparency" in img.info):
         # composite on white: transparent regions must not turn black (which reads as an object)
         rgba = img.convert("RGBA")
         background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
@@ -136,6 +175,8 @@ def decode_mask(
         )
     if img.mode in ("RGBA", "LA"):
         arr = np.asarray(img.getchannel("A"))  # alpha carries the mask for RGBA cut-outs
+    elif img.mode in HIGH_BIT_MODES:
+        arr = np.asarray(img, dtype=np.int64)  # 16-bit: any nonzero value is inside
     else:
         arr = np.asarray(img.convert("L"))
     return arr > 0
