@@ -245,6 +245,11 @@ class ErrorInterceptor(grpc.ServerInterceptor):
         method = handler_call_details.method
 
         def handle(exc: BaseException, context: grpc.ServicerContext):
+            gone = _caller_gone(context)
+            if gone is not None:  # the client cancelled (or its deadline passed): nobody reads an answer
+                why = "the client cancelled the call" if gone == grpc.StatusCode.CANCELLED else "the deadline passed"
+                log.info("%s -> %s: %s", method, gone.name, why)
+                context.abort(gone, why)  # recorded for the metrics; nothing reaches the client
             if isinstance(exc, IceError):
                 log.info("%s -> %s: %s", method, exc.code, exc.message)
                 context.abort_with_status(status_for(exc))
@@ -290,6 +295,18 @@ class ErrorInterceptor(grpc.ServerInterceptor):
 
         deserializer = _tolerant(handler.request_deserializer) if handler is not None else None
         return _wrap(handler, wrap_unary, wrap_stream, deserializer)
+
+
+def _caller_gone(context: grpc.ServicerContext) -> grpc.StatusCode | None:
+    """CANCELLED / DEADLINE_EXCEEDED when the call is no longer active (a client that cancelled makes the request
+    iterator raise a bare grpc.RpcError inside the servicer), else None."""
+    try:
+        if context.is_active():
+            return None
+        remaining = context.time_remaining()
+    except Exception:  # noqa: BLE001 - a context without these methods: not ours to judge
+        return None
+    return grpc.StatusCode.DEADLINE_EXCEEDED if remaining is not None and remaining <= 0 else grpc.StatusCode.CANCELLED
 
 
 class _Unparsed:

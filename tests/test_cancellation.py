@@ -1,0 +1,105 @@
+"""A client that cancels a stream (EvaluateSet, reflection) is a CANCELLED call: counted as CANCELLED in
+grpc_server_handled_total and logged in one quiet line, not an ERROR with a traceback counted as INTERNAL.
+Real gRPC on loopback against the evaluator on the tiny bundle."""
+
+from __future__ import annotations
+
+import logging
+import socket
+import threading
+import time
+
+import grpc
+import pytest
+from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+from prometheus_client import REGISTRY
+
+from ice.evaluator.v1 import evaluator_pb2 as pb
+from ice.evaluator.v1 import evaluator_pb2_grpc
+from services.common.server import start_server
+from services.common.settings import EvaluatorSettings, from_sources
+from services.evaluator.server import build_spec
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def channel(tiny_bundle_dir):
+    settings = from_sources(env={}, cls=EvaluatorSettings, bundle=tiny_bundle_dir, host="127.0.0.1",
+                            port=_free_port(), metrics_port=0, batch_size=4)
+    server = start_server(build_spec(settings), settings)
+    assert server.wait_ready(60), server.load_error
+    with grpc.insecure_channel(f"127.0.0.1:{server.port}") as ch:
+        yield ch
+    server.stop(grace=0)
+
+
+def _handled(service: str, method: str, rpc_type: str, code: str) -> float:
+    labels = {"grpc_type": rpc_type, "grpc_service": service, "grpc_method": method, "grpc_code": code}
+    return REGISTRY.get_sample_value("grpc_server_handled_total", labels) or 0.0
+
+
+def _cancel_mid_stream(call_with, first_message) -> None:
+    """Send one message, wait until the server has read it, then cancel while it waits for the next."""
+    sent = threading.Event()
+    stop = threading.Event()
+
+    def requests():
+        yield first_message
+        sent.set()
+        stop.wait(30)  # the client never closes its side: the server waits in the request iterator
+
+    future = call_with(requests())
+    assert sent.wait(10)
+    time.sleep(0.3)  # the server is now blocked reading the next message
+    future.cancel()
+    stop.set()
+
+
+def _wait_for(predicate, seconds: float = 10.0) -> bool:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.05)
+    return predicate()
+
+
+@pytest.mark.parametrize("which", ["EvaluateSet", "ServerReflectionInfo"])
+def test_a_cancelled_stream_is_cancelled_and_logged_quietly(channel, caplog, which):
+    if which == "EvaluateSet":
+        service, rpc_type = "ice.evaluator.v1.EvaluatorService", "client_stream"
+        stub = evaluator_pb2_grpc.EvaluatorServiceStub(channel)
+        call_with = lambda it: stub.EvaluateSet.future(it, timeout=60)  # noqa: E731
+        first = pb.EvaluateSetRequest(options=pb.EvaluateOptions())
+    else:
+        service, rpc_type = "grpc.reflection.v1alpha.ServerReflection", "bidi_stream"
+        stub = reflection_pb2_grpc.ServerReflectionStub(channel)
+
+        def call_with(it):
+            responses = stub.ServerReflectionInfo(it, timeout=60)
+            threading.Thread(target=lambda: [None for _ in _drain(responses)], daemon=True).start()
+            return responses
+
+        first = reflection_pb2.ServerReflectionRequest(list_services="")
+    before = {code: _handled(service, which, rpc_type, code) for code in ("CANCELLED", "INTERNAL", "UNKNOWN")}
+    with caplog.at_level(logging.INFO):
+        _cancel_mid_stream(call_with, first)
+        assert _wait_for(lambda: _handled(service, which, rpc_type, "CANCELLED") == before["CANCELLED"] + 1)
+    assert _handled(service, which, rpc_type, "INTERNAL") == before["INTERNAL"]
+    assert _handled(service, which, rpc_type, "UNKNOWN") == before["UNKNOWN"]
+    noisy = [r for r in caplog.records if r.levelno >= logging.WARNING or r.exc_info]
+    assert not noisy, [(r.name, r.levelname, r.getMessage()) for r in noisy]
+    quiet = [r for r in caplog.records if "CANCELLED" in r.getMessage() and which in r.getMessage()]
+    assert len(quiet) == 1 and quiet[0].levelno == logging.INFO
+
+
+def _drain(responses):
+    try:
+        yield from responses
+    except grpc.RpcError:
+        return
