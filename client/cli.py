@@ -57,9 +57,40 @@ def read_image(path: str | Path) -> bytes:
             if img.format not in ("PNG", "JPEG", "WEBP"):
                 raise UsageError(f"{path} is a {img.format} image; ICE takes PNG, JPEG or WebP")
             img.verify()
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
-        raise UsageError(f"{path} is not an image (PNG, JPEG or WebP): {' '.join(str(exc).split())}") from None
+    except UnidentifiedImageError:
+        raise UsageError(f"{path} is not an image (PNG, JPEG or WebP): {_what_it_is(data)}") from None
+    except (OSError, SyntaxError, ValueError):
+        raise UsageError(f"{path} is not a readable image (PNG, JPEG or WebP): its data is truncated or "
+                         "corrupt") from None
     return data
+
+
+def _what_it_is(data: bytes) -> str:
+    """A few words on what a file that is no image holds (PIL's own message only names an in-memory buffer)."""
+    if not data:
+        return "the file is empty"
+    head = data[:4096]
+    if head.startswith(b"%PDF"):
+        return "it is a PDF document"
+    if head[:4] in (b"PK\x03\x04", b"\x1f\x8b\x08\x00") or head[:2] == b"\x1f\x8b":
+        return "it is a compressed archive"
+    try:
+        head.decode("utf-8")
+    except UnicodeDecodeError:
+        return "its bytes are not in any image format"
+    return "it is a text file"
+
+
+def check_local_image(data: bytes, path: str | Path) -> None:
+    """With --local: the checks the localizer makes on an image (size limits, decodable pixels), before any model
+    loads (seconds), so that a 1-pixel image is refused at once."""
+    from services.common.errors import IceError
+    from services.common.images import decode_image
+
+    try:
+        decode_image(data, field=str(path))
+    except IceError as exc:
+        raise UsageError(exc.message) from None
 
 
 def writable_dir(path: str | Path) -> Path:
@@ -214,6 +245,8 @@ def cmd_extract(a) -> int:
     from client.pipeline import run_extraction
 
     image = read_image(a.image)
+    if a.local:
+        check_local_image(image, a.image)
     out = writable_dir(a.out)
     backend = _backend(a)
     extraction = run_extraction(backend, image, _extract_options(a), out_dir=out, progress=not a.no_progress)
@@ -232,6 +265,8 @@ def cmd_localize(a) -> int:
     from client.report import atomic_write
 
     image = read_image(a.image)
+    if a.local:
+        check_local_image(image, a.image)
     out = writable_dir(a.out) if a.out else None
     result = _backend(a).localize(image, _localize_options(a))
     if out is not None:
@@ -270,7 +305,7 @@ def cmd_learn(a) -> int:
         job = ice.create_job(read_image(a.image), _concepts_from(a), anchors=a.anchors, schedule=_schedule(a),
                              seed=a.seed)
         if a.wait:
-            result = ice.wait(job, progress=not a.json)
+            result = ice.wait(job, progress=not (a.json or a.no_progress))
             _emit(a, {"job": job.ref, **result.to_dict()}, f"{job.ref} succeeded; tokens: "
                   + " ".join(t.token for t in result.tokens if t.role != "INSTANCE"))
         else:  # "operations/ID@replica" when the learner advertises its replica: later commands go there
@@ -287,10 +322,14 @@ def cmd_learn(a) -> int:
     if a.learn_command == "watch":
         last = None
         for last in ice.watch(a.job):
+            if a.no_progress:  # only the final state
+                continue
             if a.json:
                 print(json.dumps(last.to_dict(), default=str), flush=True)
             else:
                 print(last.line(), flush=True)
+        if a.no_progress and last is not None:
+            _emit(a, last.to_dict(), last.line())
         return 0 if last is not None and last.state == "SUCCEEDED" else EXIT_FAILED
     if a.learn_command == "cancel":
         ice.cancel(a.job)
@@ -461,10 +500,14 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--from", dest="from_dir", type=Path, help="folder written by `ice localize --out`")
     q.add_argument("--concept", action="append", metavar="NOUN=MASK.png", help="a concept (repeatable)")
     q.add_argument("--wait", action="store_true", help="follow the job to its end")
+    q.add_argument("--no-progress", action="store_true", help="with --wait: no progress bar")
     for name, text in (("status", "a job's progress"), ("watch", "stream a job's progress until it ends"),
                        ("cancel", "cancel a job")):
         q = lsub.add_parser(name, parents=[conn], help=text)
         q.add_argument("job", help="operations/JOB_ID or JOB_ID")
+        if name == "watch":
+            q.add_argument("--no-progress", action="store_true",
+                           help="print only the final state, not every change (as `extract --no-progress`)")
     lsub.add_parser("list", parents=[conn], help="every job the learner knows")
     q = lsub.add_parser("artifacts", parents=[conn], help="download a succeeded job's files")
     q.add_argument("job")

@@ -90,11 +90,11 @@ class LocalIce:
         from services.common.images import decode_image, encode_mask
         from services.localizer import pipeline
 
+        image = decode_image(image, "image")  # a bad image is refused before the models load (seconds)
         if self._localizer is None:
             self._localizer = pipeline.Localizer(self.bundle, self.device, self._dtype())
         known = {f.name for f in dataclasses.fields(pipeline.LocalizeOptions)}
         given = {k: v for k, v in (options or LocalizeOptions()).set_fields().items() if k in known}
-        image = decode_image(image, "image")
         r = self._localizer.localize(image, dataclasses.replace(self._localizer.defaults, **given))
         concepts = [Concept(f"c{i}", c.noun, float(c.area_fraction), c.round, list(c.retrieval), encode_mask(c.mask))
                     for i, c in enumerate(r.concepts)]

@@ -78,6 +78,47 @@ def test_not_an_image_and_missing_file(tmp_path, fakes, capsys):
     assert fakes.localizer.calls == calls  # refused before any call
 
 
+def test_a_file_that_is_no_image_is_described_in_words(tmp_path, fakes, capsys):
+    for name, content, words in (("notes.png", b"shopping list: milk", "it is a text file"),
+                                 ("empty.jpg", b"", "the file is empty"),
+                                 ("doc.png", b"%PDF-1.7\n\x80\x81", "it is a PDF document"),
+                                 ("noise.webp", bytes(range(256)) * 4, "its bytes are not in any image format")):
+        (tmp_path / name).write_bytes(content)
+        assert main(["localize", str(tmp_path / name), *_targets(fakes)]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err == f"ice: {tmp_path / name} is not an image (PNG, JPEG or WebP): {words}"
+        assert "BytesIO" not in err and "0x" not in err
+    truncated = (tmp_path / "cut.png")
+    truncated.write_bytes(_photo(tmp_path / "whole.png").read_bytes()[:60])
+    assert main(["localize", str(truncated), *_targets(fakes)]) == 2
+    assert "truncated or corrupt" in capsys.readouterr().err
+
+
+def test_local_refuses_a_tiny_image_before_any_model_loads(tmp_path, tiny_bundle_dir, capsys, monkeypatch):
+    import sys
+    import types
+
+    import services.localizer
+    from client.local import LocalError, LocalIce
+
+    def no_models(*args, **kwargs):
+        raise AssertionError("the localizer's models were loaded for an image that is refused")
+
+    # the localizer's pipeline module, replaced by one whose models cannot load
+    fake = types.ModuleType("services.localizer.pipeline")
+    fake.Localizer = no_models
+    monkeypatch.setitem(sys.modules, "services.localizer.pipeline", fake)
+    monkeypatch.setattr(services.localizer, "pipeline", fake, raising=False)
+    pixel = tmp_path / "pixel.png"
+    Image.new("RGB", (1, 1), (200, 10, 10)).save(pixel)
+    for command in (["extract", str(pixel), "--out", str(tmp_path / "o")], ["localize", str(pixel)]):
+        assert main([*command, "--local", "--bundle", str(tiny_bundle_dir)]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.startswith(f"ice: {pixel}: size 1x1 is below the minimum of 8 px a side"), err
+    with pytest.raises(LocalError, match="below the minimum"):  # the SDK's in-process back-end too
+        LocalIce(tiny_bundle_dir).localize(pixel.read_bytes())
+
+
 def test_unwritable_output_folder(tmp_path, fakes, capsys):
     blocker = tmp_path / "file.txt"
     blocker.write_text("a file, not a folder")
@@ -124,6 +165,8 @@ def test_localize_learn_generate_commands(tmp_path, fakes, capsys):
     assert main(["learn", "watch", job, *_targets(fakes)]) == 0
     watched = capsys.readouterr().out.strip().splitlines()
     assert watched[-1].startswith("SUCCEEDED") and len(watched) >= 2
+    assert main(["learn", "watch", job, "--no-progress", *_targets(fakes)]) == 0  # as `extract` accepts it
+    assert capsys.readouterr().out.strip().splitlines() == [watched[-1]]  # the final state only
     assert main(["learn", "status", job.removeprefix("operations/"), "--json", *_targets(fakes)]) == 0
     assert json.loads(capsys.readouterr().out)["state"] == "SUCCEEDED"
     assert main(["learn", "list", *_targets(fakes)]) == 0

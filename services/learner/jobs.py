@@ -7,7 +7,9 @@
 - `cancel` takes effect within one step (at once for a queued job). `stop` (server shutdown) checkpoints the
   running job and leaves it resumable.
 - On start, jobs that were running when the process died are queued again ahead of the others and resume
-  from their newest valid checkpoint (RNG states included), so they end exactly as an uninterrupted run.
+  from their newest valid checkpoint (RNG states included), so they end exactly as an uninterrupted run. The
+  reported step never goes backwards: it holds at the furthest step reached while the steps since that checkpoint
+  are recomputed.
 
 Layout under the store directory: `jobs.sqlite`, `jobs/{id}/input/` (image, masks, spec.json),
 `jobs/{id}/checkpoints/`, `jobs/{id}/artifacts/`.
@@ -412,7 +414,10 @@ class JobManager:
             if seconds is not None:
                 self._step_seconds = seconds if self._step_seconds is None else 0.9 * self._step_seconds + 0.1 * seconds
             TRAIN_STEPS.labels(info.phase).inc()
-            current = self._update(job_id, phase=info.phase, step=info.step, losses=info.losses)
+            # After a restart the job recomputes the steps since its last checkpoint (the same values: resumes are
+            # exact); the reported step holds at the furthest step reached until training passes it again.
+            reached = self.get(job_id).step
+            current = self._update(job_id, phase=info.phase, step=max(info.step, reached), losses=info.losses)
             if current.cancel_requested:
                 raise Cancelled("cancelled by the caller")
             if self._stopping.is_set():
