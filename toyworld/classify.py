@@ -3,8 +3,8 @@
 They read any 64 × 64 RGB picture, rendered or generated: the background is the median colour of the picture's
 border; the foreground is every pixel far from it; the object is the largest 8-connected foreground component.
 
-- colour: the median of the object's lighter half (the dark tone of a pattern and the cube's shaded side are
-  excluded) → the nearest world colour;
+- colour: the median of the object's light tone (within 80 % of its bright end: the dark tone of a pattern and
+  the cube's shaded side are excluded) → the nearest world colour;
 - texture: the share of dark-tone pixels inside the (eroded) object; when there are enough, vertical stripes are
   constant down each column while checks alternate both ways;
 - category: the silhouette, cropped to its box and resized to 32 × 32, against each category's drawn silhouette
@@ -97,7 +97,7 @@ def _brightness(rgb: np.ndarray) -> np.ndarray:
 def classify_colour(rgb: np.ndarray, mask: np.ndarray) -> str:
     pixels = rgb[mask]
     bright = _brightness(pixels)
-    light = pixels[bright >= np.median(bright)]
+    light = pixels[bright >= 0.8 * np.percentile(bright, 90)]  # the light tone, however much dark tone there is
     value = np.median(light, axis=0)
     return _COLOUR_NAMES[int(np.argmin(np.linalg.norm(_COLOUR_RGB - value, axis=1)))]
 

@@ -47,7 +47,7 @@ class Plan:
     """Steps and batch sizes per stage (the committed bundle's values are the defaults)."""
 
     seed: int = 0
-    vae_steps: int = 1400
+    vae_steps: int = 1200
     vae_batch: int = 16
     clip_steps: int = 1000
     clip_batch: int = 128

@@ -41,7 +41,9 @@ BACKGROUNDS = {
     "beige": (226, 208, 176),
 }
 DARK_SHADE = 0.45  # the second tone of striped and checkered objects: the colour at 45 % brightness
-PATTERN_PERIOD = 8  # px at 64 px: 4 px light, 4 px dark (coarse enough for an f=4 VAE)
+# Pattern periods in px at 64 px, coarse enough for an f = 4 VAE (one latent pixel covers 4 × 4 px): stripes
+# 4 px light / 4 px dark; checks of 8 × 8 px (4 px checks come out of such a VAE as blur or diagonal stripes).
+PATTERN_PERIOD = {"striped": 8, "checkered": 16}
 
 # The combinations no training scene contains (about one in ten, every category, colour and texture kept
 # elsewhere): generation and extraction on them test composition, not memory.
@@ -161,15 +163,15 @@ def shape_layers(category: str, s: int) -> list[tuple[np.ndarray, float]]:
 def texture_tone(texture: str, s: int, phase: tuple[int, int]) -> np.ndarray:
     """[s, s] brightness factor of the pattern: 1 on light cells, DARK_SHADE on dark ones."""
     yy, xx = np.mgrid[0:s, 0:s]
-    half = PATTERN_PERIOD // 2
     if texture == "plain":
         return np.ones((s, s), dtype=np.float32)
+    if texture not in PATTERN_PERIOD:
+        raise ValueError(f"unknown texture {texture!r}")
+    half = PATTERN_PERIOD[texture] // 2
     if texture == "striped":  # vertical stripes
         dark = ((xx + phase[0]) // half) % 2 == 1
-    elif texture == "checkered":
-        dark = (((xx + phase[0]) // half) + ((yy + phase[1]) // half)) % 2 == 1
     else:
-        raise ValueError(f"unknown texture {texture!r}")
+        dark = (((xx + phase[0]) // half) + ((yy + phase[1]) // half)) % 2 == 1
     return np.where(dark, DARK_SHADE, 1.0).astype(np.float32)
 
 
@@ -210,7 +212,8 @@ def paint_object(canvas: np.ndarray, category: str, colour: str, texture: str, x
                  rng: np.random.Generator) -> np.ndarray:
     """Paint one object onto `canvas` (float [64, 64, 3]) in place; return its exact mask (coverage ≥ 0.5)."""
     rgb = np.array(COLOURS[colour], dtype=np.float32)
-    tone = texture_tone(texture, s, (int(rng.integers(0, PATTERN_PERIOD)), int(rng.integers(0, PATTERN_PERIOD))))
+    period = PATTERN_PERIOD.get(texture, 1)
+    tone = texture_tone(texture, s, (int(rng.integers(0, period)), int(rng.integers(0, period))))
     coverage_total = np.zeros((s, s), dtype=np.float32)
     region = canvas[y : y + s, x : x + s]
     for coverage, face in shape_layers(category, s):
