@@ -23,11 +23,12 @@ from client.types import (
     LearningResult,
     LocalizeResult,
     MaskScores,
+    SetEvaluationResult,
 )
 
 __all__ = [
     "AsyncIceClient", "ChannelConfig", "Concept", "EvaluationResult", "ExtractOptions", "Extraction", "GenerateOptions",
     "GeneratedImage", "IceClient", "IceClientError", "Job", "JobFailed", "JobProgress", "LearningResult",
     "LocalizeOptions", "LocalizeResult", "MaskScores", "RetryPolicy", "Schedule", "ServiceError",
-    "ServiceUnavailable",
+    "ServiceUnavailable", "SetEvaluationResult",
 ]

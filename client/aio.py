@@ -22,7 +22,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import uuid
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -46,6 +46,7 @@ from client.types import (
     LearningResult,
     LocalizeResult,
     MaskScores,
+    SetEvaluationResult,
 )
 from ice.learner.v1 import learner_pb2
 
@@ -242,6 +243,17 @@ class AsyncIceClient(ClientCore):
         """UCE metrics of one source image. `concepts`: (concept_id, mask, generated images) per concept."""
         request = M.evaluate_request(source_image, concepts, composition_images, encoders, background_fill, crop)
         return M.evaluation_result(await self._call("evaluator", EVALUATOR, "Evaluate", request))
+
+    async def evaluate_set(
+        self,
+        items: Iterable[tuple[str, Any, Sequence[tuple[str, Any, Sequence[Any]]], Sequence[Any]]],
+        encoders: Sequence[str] = (),
+        background_fill: str | None = None,
+        crop: str | None = None,
+    ) -> SetEvaluationResult:
+        """UCE metrics of a whole set, accuracy among all its concepts (see `IceClient.evaluate_set`)."""
+        requests = M.evaluate_set_requests(items, encoders, background_fill, crop)
+        return M.set_evaluation_result(await self._call("evaluator", EVALUATOR, "EvaluateSet", requests))
 
     async def score_masks(self, predicted: Sequence[Any], ground_truth: Sequence[Any]) -> MaskScores:
         """mIoU, recall and precision of predicted masks against ground truth, after Hungarian matching."""

@@ -7,7 +7,8 @@
     ice localize photo.jpg --out masks/
     ice learn start photo.jpg --from masks/ ; ice learn status|watch|cancel|artifacts JOB ; ice learn list
     ice generate JOB --kind intrinsic --out images/
-    ice evaluate result/                              # re-score an extraction folder
+    ice evaluate result/                              # re-score one extraction (ACC among its own concepts)
+    ice evaluate results/                             # a batch's results as one set: the paper's ACC protocol
     ice score-masks --predicted a.png b.png --ground-truth g1.png g2.png
 
 Exit codes: 0 success; 1 a service refused the work or a job failed; 2 bad usage, a file that is not an
@@ -253,9 +254,9 @@ def cmd_extract(a) -> int:
     nouns = ", ".join(f"{c.concept_id}={c.noun}" for c in extraction.localization.concepts) or "none"
     lines = [f"concepts: {nouns}"]
     if extraction.evaluation:
-        for s in extraction.evaluation.scores:
-            sim_c = "" if s.sim_c is None else f" SIM^C {s.sim_c:.3f}"
-            lines.append(f"{s.encoder}: SIM^I {s.sim_i:.3f}{sim_c} ACC^1 {s.acc1:.3f} ACC^3 {s.acc3:.3f}")
+        lines += [_score_line(s) for s in extraction.evaluation.scores]
+        note = per_request_note(extraction.evaluation.scores)
+        lines += [note] if note else []
     lines.append(f"report: {out / 'report.html'}")
     _emit(a, {**extraction.to_dict(), "report": str(out / "report.html")}, "\n".join(lines))
     return 0
@@ -360,25 +361,96 @@ def cmd_generate(a) -> int:
     return 0
 
 
+def _score_line(s) -> str:
+    sim_c = f" SIM^C {s.sim_c:.3f}" if s.sim_c is not None else ""
+    return f"{s.encoder}: SIM^I {s.sim_i:.3f}{sim_c} ACC^1 {s.acc1:.3f} ACC^3 {s.acc3:.3f}"
+
+
+def per_request_note(scores) -> str | None:
+    """The caveat printed under per-request accuracies (None when they were measured over a set)."""
+    s = next((s for s in scores if s.per_request), None)
+    if s is None:
+        return None
+    return (f"note: ACC ranked among this image's {s.concepts_in_scope} concept(s) only, not the paper's protocol "
+            "(which ranks among a whole set's concepts): `ice evaluate RESULTS_DIR` scores a batch as one set")
+
+
+def _extraction_folders(folders: list[Path]) -> list[tuple[str, Path]]:
+    """(item id, folder) of every extraction: a folder holding extraction.json, or a batch results folder whose
+    sub-folders hold one each."""
+    found = []
+    for folder in folders:
+        if (folder / "extraction.json").is_file():
+            found.append((folder.name, folder))
+        elif folder.is_dir():
+            subs = sorted(p.parent for p in folder.glob("*/extraction.json"))
+            if not subs:
+                raise UsageError(f"{folder} holds no extraction (from `ice extract --out` or `ice batch --out`)")
+            found += [(f"{folder.name}/{p.name}" if len(folders) > 1 else p.name, p) for p in subs]
+        else:
+            raise UsageError(f"{folder} is not a folder")
+    return found
+
+
 def cmd_evaluate(a) -> int:
-    """Re-score an extraction folder (e.g. with other encoders) and refresh its metrics and report."""
+    """Re-score one extraction folder (e.g. with other encoders) and refresh its metrics and report; or score
+    several extractions, or a batch's results folder, as one set (accuracy among all their concepts)."""
     from client.report import load_extraction, write_extraction
     from client.sdk import evaluation_inputs
 
-    folder = Path(a.folder)
-    try:
-        extraction = load_extraction(folder)
-    except (OSError, ValueError, KeyError) as exc:
-        raise UsageError(f"{folder} is not an extraction folder (from `ice extract --out`): {exc}") from None
-    writable_dir(folder)
-    composition = [g.image_png for g in extraction.generated if g.kind == "FREE"]
-    extraction.evaluation = _backend(a).evaluate(
-        extraction.image_png, evaluation_inputs(extraction.localization.concepts, extraction.generated),
-        composition, tuple(a.encoder or ()), a.background_fill, a.crop)
-    write_extraction(extraction, folder)
-    lines = [f"{s.encoder}: SIM^I {s.sim_i:.3f} ACC^1 {s.acc1:.3f} ACC^3 {s.acc3:.3f}"
-             for s in extraction.evaluation.scores]
-    _emit(a, extraction.evaluation.to_dict(), "\n".join(lines))
+    folders = _extraction_folders([Path(f) for f in a.folder])
+    if len(a.folder) == 1 and (Path(a.folder[0]) / "extraction.json").is_file() and not a.set:
+        folder = folders[0][1]
+        try:
+            extraction = load_extraction(folder)
+        except (OSError, ValueError, KeyError) as exc:
+            raise UsageError(f"{folder} is not an extraction folder (from `ice extract --out`): {exc}") from None
+        writable_dir(folder)
+        composition = [g.image_png for g in extraction.generated if g.kind == "FREE"]
+        extraction.evaluation = _backend(a).evaluate(
+            extraction.image_png, evaluation_inputs(extraction.localization.concepts, extraction.generated),
+            composition, tuple(a.encoder or ()), a.background_fill, a.crop)
+        write_extraction(extraction, folder)
+        lines = [_score_line(s) for s in extraction.evaluation.scores]
+        note = per_request_note(extraction.evaluation.scores)
+        _emit(a, extraction.evaluation.to_dict(), "\n".join(lines + ([note] if note else [])))
+        return 0
+    return _evaluate_set(a, folders)
+
+
+def _evaluate_set(a, folders: list[tuple[str, Path]]) -> int:
+    from client.messages import extraction_set_item
+    from client.report import atomic_write, load_extraction
+
+    skipped: list[str] = []
+
+    def items():
+        for item_id, folder in folders:
+            try:
+                extraction = load_extraction(folder)
+            except (OSError, ValueError, KeyError) as exc:
+                raise UsageError(f"{folder} is not an extraction folder: {exc}") from None
+            item = extraction_set_item(extraction, item_id)
+            if not item[2]:  # no concept with generated images: nothing to rank
+                skipped.append(item_id)
+                continue
+            yield item
+
+    result = _backend(a).evaluate_set(items(), tuple(a.encoder or ()), a.background_fill, a.crop)
+    data = {**result.to_dict(), "skipped": skipped}
+    out = a.out
+    if out is None and len(a.folder) == 1 and not (Path(a.folder[0]) / "extraction.json").is_file():
+        out = Path(a.folder[0]) / "set_metrics.json"  # beside a batch's items
+    if out is not None:
+        atomic_write(Path(out), json.dumps(data, indent=2))
+    lines = [f"set of {result.item_count} item(s), {result.concept_count} concept(s); accuracy ranked among all "
+             "of them (the paper's protocol)"]
+    lines += [_score_line(s) for s in result.scores]
+    if skipped:
+        lines.append(f"skipped (no concept with generated images): {', '.join(skipped)}")
+    if out is not None:
+        lines.append(f"written to {out}")
+    _emit(a, data, "\n".join(lines))
     return 0
 
 
@@ -523,8 +595,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, required=True)
     p.set_defaults(run=cmd_generate)
 
-    p = sub.add_parser("evaluate", parents=[conn, local], help="re-score an extraction folder")
-    p.add_argument("folder", type=Path)
+    p = sub.add_parser("evaluate", parents=[conn, local],
+                       help="re-score an extraction folder, or score a batch's results (or several extractions) as "
+                            "one set: accuracy among all their concepts, as the paper")
+    p.add_argument("folder", nargs="+", type=Path,
+                   help="an extraction folder (from `ice extract --out`), a batch results folder, or several")
+    p.add_argument("--set", action="store_true", help="score even a single extraction folder through EvaluateSet")
+    p.add_argument("--out", type=Path, help="write the set's scores here as JSON (default for a batch results "
+                                            "folder: FOLDER/set_metrics.json)")
     p.add_argument("--encoder", action="append", choices=["clip", "dino"])
     p.add_argument("--background-fill", choices=["black", "white", "gray", "mean"])
     p.add_argument("--crop", choices=["none", "mask_box"])

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from client.errors import IceClientError, JobFailed
-from client.options import ExtractOptions, GenerateOptions, LocalizeOptions
+from client.options import ExtractOptions, GenerateOptions, LocalizeOptions, image_bytes, mask_png
 from client.types import (
     ArtifactFile,
     Concept,
@@ -31,9 +31,18 @@ from client.types import (
     LocalizeResult,
     MaskMatch,
     MaskScores,
+    SetEvaluationResult,
 )
 
 DEFAULT_CLASS_IMAGES = Path(os.environ.get("ICE_CLASS_IMAGES_DIR", Path.home() / ".cache" / "ice" / "class-images"))
+
+
+def _encoder_scores(name: str, s) -> EncoderScores:
+    """An SDK EncoderScores from the evaluator module's Scores (as the service encodes them)."""
+    return EncoderScores(name.upper(), s.sim_i, s.sim_c, s.acc1, s.acc3,
+                         [ConceptScore(c.concept_id, c.sim_i, c.acc1, c.acc3, c.rank) for c in s.concepts],
+                         accuracy_scope=s.scope.upper(), concepts_in_scope=s.concepts_in_scope,
+                         sim_c_absent_reason=s.sim_c_absent_reason)
 
 
 class LocalError(IceClientError):
@@ -213,10 +222,39 @@ class LocalIce:
             [decode_image(im, "composition_images") for im in composition_images])
         protocol = metrics.Protocol(background_fill or "black", crop or "mask_box")
         scores = metrics.evaluate(item, embedder, names, protocol)
-        return EvaluationResult([
-            EncoderScores(n.upper(), s.sim_i, s.sim_c, s.acc1, s.acc3,
-                          [ConceptScore(c.concept_id, c.sim_i, c.acc1, c.acc3, c.rank) for c in s.concepts])
-            for n, s in ((n, scores[n]) for n in names)])
+        return EvaluationResult([_encoder_scores(n, scores[n]) for n in names])
+
+    @_domain_errors
+    def evaluate_set(self, items, encoders: Sequence[str] = (), background_fill: str | None = None,
+                     crop: str | None = None) -> SetEvaluationResult:
+        """UCE metrics of a whole set, accuracy among all its concepts (as `IceClient.evaluate_set`)."""
+        from services.common.errors import InvalidArgument
+        from services.common.images import decode_image, decode_mask
+        from services.evaluator import metrics
+
+        embedder = self._embedder_for()
+        names = [e.lower() for e in encoders] or [n for n in ("clip", "dino") if n in embedder.encoders]
+        evaluation = metrics.SetEvaluation(embedder, names, metrics.Protocol(background_fill or "black",
+                                                                             crop or "mask_box"))
+        for k, (item_id, source_image, concepts, composition) in enumerate(items):
+            prefix = f"items[{k}]."
+            source = decode_image(image_bytes(source_image), f"{prefix}source_image")
+            evaluation.add(metrics.ItemInput(
+                item_id or str(k), source,
+                [metrics.ConceptInput(cid, decode_mask(mask_png(mask), f"{prefix}concepts[{i}].mask", source.size),
+                                      [decode_image(image_bytes(im), f"{prefix}concepts[{i}].images")
+                                       for im in images])
+                 for i, (cid, mask, images) in enumerate(concepts)],
+                [decode_image(image_bytes(im), f"{prefix}composition_images") for im in composition]))
+        if evaluation.item_count == 0:
+            raise InvalidArgument("the set has no item", field="items")
+        results = evaluation.result()
+        first = results[names[0]]
+        return SetEvaluationResult(
+            [_encoder_scores(n, results[n].overall) for n in names], evaluation.item_count,
+            evaluation.concept_count,
+            [(item_id, [_encoder_scores(n, results[n].items[k][1]) for n in names])
+             for k, (item_id, _) in enumerate(first.items)])
 
     @_domain_errors
     def score_masks(self, predicted: Sequence[bytes], ground_truth: Sequence[bytes]) -> MaskScores:

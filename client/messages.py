@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import os
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +31,7 @@ from client.types import (
     LocalizeResult,
     MaskMatch,
     MaskScores,
+    SetEvaluationResult,
 )
 from ice.common.v1 import common_pb2
 from ice.evaluator.v1 import evaluator_pb2
@@ -278,6 +279,16 @@ class ArtifactWriter:
 
 
 # --- evaluator -----------------------------------------------------------------------------------------------
+def evaluate_options(encoders: Sequence[str] = (), background_fill: str | None = None,
+                     crop: str | None = None) -> evaluator_pb2.EvaluateOptions:
+    return evaluator_pb2.EvaluateOptions(
+        encoders=[enum_value(common_pb2.Encoder, e, "ENCODER_", "encoder") for e in encoders],
+        background_fill=enum_value(evaluator_pb2.BackgroundFill, background_fill, "BACKGROUND_FILL_",
+                                   "background fill"),
+        crop=enum_value(evaluator_pb2.Crop, crop, "CROP_", "crop"),
+    )
+
+
 def evaluate_request(
     source_image: Any,
     concepts: Sequence[tuple[str, Any, Sequence[Any]]],
@@ -286,12 +297,7 @@ def evaluate_request(
     background_fill: str | None = None,
     crop: str | None = None,
 ) -> evaluator_pb2.EvaluateRequest:
-    options = evaluator_pb2.EvaluateOptions(
-        encoders=[enum_value(common_pb2.Encoder, e, "ENCODER_", "encoder") for e in encoders],
-        background_fill=enum_value(evaluator_pb2.BackgroundFill, background_fill, "BACKGROUND_FILL_",
-                                   "background fill"),
-        crop=enum_value(evaluator_pb2.Crop, crop, "CROP_", "crop"),
-    )
+    options = evaluate_options(encoders, background_fill, crop)
     return evaluator_pb2.EvaluateRequest(
         source_image=image_bytes(source_image),
         concepts=[evaluator_pb2.ConceptSamples(concept_id=cid, mask=mask_png(mask),
@@ -310,11 +316,35 @@ def encoder_scores(s: evaluator_pb2.EncoderScores) -> EncoderScores:
         acc1=s.acc1,
         acc3=s.acc3,
         concepts=[ConceptScore(c.concept_id, c.sim_i, c.acc1, c.acc3, c.rank) for c in s.concepts],
+        accuracy_scope=enum_name(evaluator_pb2.AccuracyScope, s.accuracy_scope, "ACCURACY_SCOPE_"),
+        concepts_in_scope=s.concepts_in_scope,
+        sim_c_absent_reason=s.sim_c_absent_reason,
     )
 
 
 def evaluation_result(r: evaluator_pb2.EvaluateResponse) -> EvaluationResult:
     return EvaluationResult([encoder_scores(s) for s in r.scores])
+
+
+def evaluate_set_requests(
+    items: Iterable[tuple[str, Any, Sequence[tuple[str, Any, Sequence[Any]]], Sequence[Any]]],
+    encoders: Sequence[str] = (),
+    background_fill: str | None = None,
+    crop: str | None = None,
+) -> Iterator[evaluator_pb2.EvaluateSetRequest]:
+    """The EvaluateSet stream: the options, then one message per (item_id, source image, concepts, composition
+    images), each encoded only when the stream reaches it."""
+    yield evaluator_pb2.EvaluateSetRequest(options=evaluate_options(encoders, background_fill, crop))
+    for item_id, source, concepts, composition in items:
+        one = evaluate_request(source, concepts, composition)
+        yield evaluator_pb2.EvaluateSetRequest(item=evaluator_pb2.EvaluateSetItem(
+            item_id=item_id, source_image=one.source_image, concepts=one.concepts,
+            composition_images=one.composition_images))
+
+
+def set_evaluation_result(r: evaluator_pb2.EvaluateSetResponse) -> SetEvaluationResult:
+    return SetEvaluationResult([encoder_scores(s) for s in r.scores], r.item_count, r.concept_count,
+                               [(i.item_id, [encoder_scores(s) for s in i.scores]) for i in r.item_scores])
 
 
 def score_masks_request(predicted: Sequence[Any], ground_truth: Sequence[Any]) -> evaluator_pb2.ScoreMasksRequest:
@@ -325,6 +355,14 @@ def score_masks_request(predicted: Sequence[Any], ground_truth: Sequence[Any]) -
 def mask_scores(r: evaluator_pb2.ScoreMasksResponse) -> MaskScores:
     return MaskScores(r.miou, r.recall, r.precision,
                       [MaskMatch(m.predicted_index, m.ground_truth_index, m.iou) for m in r.matches])
+
+
+def extraction_set_item(extraction, item_id: str):
+    """An `evaluate_set` item from an extraction (e.g. `client.report.load_extraction(folder)`): its image, each
+    concept's mask and object-level images, and its composition images."""
+    composition = [g.image_png for g in extraction.generated if g.kind == "FREE"]
+    return (item_id, extraction.image_png, evaluation_inputs(extraction.localization.concepts, extraction.generated),
+            composition)
 
 
 def evaluation_inputs(extraction_concepts: Iterable[Concept], generated: Sequence[GeneratedImage]):

@@ -2,9 +2,10 @@
 asyncio) and in-process (`client.local.LocalIce`).
 
 localize -> learn -> generate (per concept: the object-level prompt "a photo of <&i><#i><%i><$i>" and the
-intrinsic prompts "a <#i> texture", ..., "a <&i>", as ICE's inference script; ICE_REFERENCE B §4; plus, when
-there are several concepts, "a photo of <&0> and <&1> ..." for SIM^C) -> evaluate (the object-level images
-of each concept against its masked source region; B §5).
+intrinsic prompts "a <#i> texture", ..., "a <&i>", as ICE's inference script (docs/method.md#generation);
+plus "a photo of <&0> and <&1> ..." over all the concepts, or "a photo of <&0>" for a single one, for SIM^C) ->
+evaluate (the object-level images of each concept against its masked source region;
+docs/method.md#evaluation).
 
 A back-end provides `localize(image, LocalizeOptions)`, `learn(image, concepts, ExtractOptions, progress,
 on_job)`, `generate_for(job_id, kind, GenerateOptions, prompts)`, `evaluate(...)` and `cancel_job(job_id)`:
@@ -36,9 +37,10 @@ class Cancelled(IceClientError):
 
 
 def composition_prompt(learning: LearningResult) -> str | None:
-    """"a photo of <&0> and <&1>" over the concept tokens, or None with fewer than two concepts."""
+    """"a photo of <&0> and <&1>" over the concept tokens (for SIM^C); with one concept "a photo of <&0>", the
+    composition of that image's only concept, so that SIM^C is defined for it too; None without concepts."""
     tokens = [t.token for t in learning.tokens if t.role == "CONCEPT"]
-    return "a photo of " + " and ".join(tokens) if len(tokens) > 1 else None
+    return "a photo of " + " and ".join(tokens) if tokens else None
 
 
 def with_schedule(options: ExtractOptions | None, schedule: Schedule | None) -> ExtractOptions:

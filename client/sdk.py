@@ -12,7 +12,7 @@ results are built by `client.messages`, shared with the asyncio client (`client.
 from __future__ import annotations
 
 import uuid
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -44,6 +44,7 @@ from client.types import (
     LearningResult,
     LocalizeResult,
     MaskScores,
+    SetEvaluationResult,
 )
 from ice.learner.v1 import learner_pb2
 
@@ -237,6 +238,20 @@ class IceClient(ClientCore):
         """UCE metrics of one source image. `concepts`: (concept_id, mask, generated images) per concept."""
         request = M.evaluate_request(source_image, concepts, composition_images, encoders, background_fill, crop)
         return M.evaluation_result(self._call("evaluator", EVALUATOR, "Evaluate", request))
+
+    def evaluate_set(
+        self,
+        items: Iterable[tuple[str, Any, Sequence[tuple[str, Any, Sequence[Any]]], Sequence[Any]]],
+        encoders: Sequence[str] = (),
+        background_fill: str | None = None,
+        crop: str | None = None,
+    ) -> SetEvaluationResult:
+        """UCE metrics of a whole set (e.g. a benchmark), as the paper computes them: every concept's accuracy and
+        rank measured among all the set's concepts. `items`: (item_id, source image, concepts, composition
+        images) per source image, `concepts` as in `evaluate`; read lazily, one item at a time. An extraction
+        folder gives one with `extraction_set_item(load_extraction(folder), item_id)`."""
+        requests = M.evaluate_set_requests(items, encoders, background_fill, crop)
+        return M.set_evaluation_result(self._call("evaluator", EVALUATOR, "EvaluateSet", requests))
 
     def score_masks(self, predicted: Sequence[Any], ground_truth: Sequence[Any]) -> MaskScores:
         """mIoU, recall and precision of predicted masks against ground truth, after Hungarian matching."""

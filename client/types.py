@@ -16,6 +16,8 @@ import numpy as np
 def _plain(value: Any) -> Any:
     if isinstance(value, bytes):
         return None
+    if isinstance(value, _Jsonable):
+        return value.to_dict()
     if isinstance(value, list | tuple):
         return [_plain(v) for v in value]
     if isinstance(value, dict):
@@ -198,11 +200,34 @@ class EncoderScores(_Jsonable):
     acc1: float
     acc3: float
     concepts: list[ConceptScore]
+    # What ACC and ranks were measured among: REQUEST = one image's own concepts (not the paper's protocol:
+    # ACC^3 is 1 with at most 3 concepts), SET = every concept of an evaluated set (`evaluate_set`).
+    accuracy_scope: str = ""
+    concepts_in_scope: int = 0
+    sim_c_absent_reason: str = ""  # why sim_c is None
+
+    @property
+    def per_request(self) -> bool:
+        return self.accuracy_scope == "REQUEST"
 
 
 @dataclass
 class EvaluationResult(_Jsonable):
     scores: list[EncoderScores]
+
+    def by_encoder(self) -> dict[str, EncoderScores]:
+        return {s.encoder: s for s in self.scores}
+
+
+@dataclass
+class SetEvaluationResult(_Jsonable):
+    """`evaluate_set`: the set's scores per encoder (ACC among all its concepts: the paper's protocol), and each
+    item's (its concepts ranked among the whole set's too)."""
+
+    scores: list[EncoderScores]
+    item_count: int
+    concept_count: int
+    items: list[tuple[str, list[EncoderScores]]]
 
     def by_encoder(self) -> dict[str, EncoderScores]:
         return {s.encoder: s for s in self.scores}

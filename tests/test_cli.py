@@ -155,6 +155,25 @@ def test_extract_json_and_reevaluate(tmp_path, fakes, capsys):
     assert list(sent.options.encoders) == [1] and [c.concept_id for c in sent.concepts] == ["c0", "c1"]
 
 
+def test_per_image_accuracy_is_flagged_and_a_batch_is_evaluated_as_one_set(tmp_path, fakes, tiny_bundle_dir,
+                                                                            capsys):
+    results = tmp_path / "results"
+    for k in range(2):
+        photo = _photo(tmp_path / f"p{k}.png", seed=k)
+        assert main(["extract", str(photo), "--out", str(results / f"p{k}"), "--no-progress", *QUICK,
+                     *_targets(fakes)]) == 0
+    printed = capsys.readouterr().out
+    assert "note: ACC ranked among this image's 2 concept(s) only, not the paper's protocol" in printed
+    assert "Per-image accuracy" in (results / "p0" / "report.html").read_text()
+    # the batch's results as one set, on the real evaluator code (in-process, the tiny bundle)
+    assert main(["evaluate", str(results), "--local", "--bundle", str(tiny_bundle_dir), "--json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert (data["item_count"], data["concept_count"]) == (2, 4)
+    assert [i[0] for i in data["items"]] == ["p0", "p1"]
+    assert all(s["accuracy_scope"] == "SET" and s["concepts_in_scope"] == 4 for s in data["scores"])
+    assert json.loads((results / "set_metrics.json").read_text())["item_count"] == 2
+
+
 def test_localize_learn_generate_commands(tmp_path, fakes, capsys):
     photo = _photo(tmp_path / "p.png")
     assert main(["localize", str(photo), "--out", str(tmp_path / "loc"), *_targets(fakes)]) == 0

@@ -258,9 +258,13 @@ class FakeEvaluator(evaluator_pb2_grpc.EvaluatorServiceServicer):
         scores = []
         for encoder in (common_pb2.ENCODER_CLIP, common_pb2.ENCODER_DINO):
             s = evaluator_pb2.EncoderScores(encoder=encoder, sim_i=float(np.mean([c.sim_i for c in concepts])),
-                                            acc1=1.0, acc3=1.0, concepts=concepts)
+                                            acc1=1.0, acc3=1.0, concepts=concepts,
+                                            accuracy_scope=evaluator_pb2.ACCURACY_SCOPE_REQUEST,
+                                            concepts_in_scope=len(concepts))
             if request.composition_images:
                 s.sim_c = 0.5
+            else:
+                s.sim_c_absent_reason = "no composition images were sent"
             scores.append(s)
         return evaluator_pb2.EvaluateResponse(scores=scores)
 
@@ -552,3 +556,18 @@ def test_any_pack_roundtrip_of_progress():
     job.state = learner_pb2.JOB_STATE_CANCELLED
     p = _operation_progress(job.operation())
     assert p.done and p.result is None and p.error_code == "CANCELLED"
+
+
+def test_sim_c_composition_prompt_covers_an_image_with_one_concept():
+    from client.pipeline import composition_prompt
+    from client.types import LearnedToken, LearningResult
+
+    def learning(n: int) -> LearningResult:
+        tokens = [t for i in range(n) for t in (LearnedToken(f"<*{i}>", "INSTANCE", f"c{i}", "cup", ""),
+                                                LearnedToken(f"<&{i}>", "CONCEPT", f"c{i}", "cup", ""),
+                                                LearnedToken(f"<#{i}>", "INTRINSIC", f"c{i}", "cup", "texture"))]
+        return LearningResult("j", tokens, [], {})
+
+    assert composition_prompt(learning(1)) == "a photo of <&0>"  # SIM^C is defined for one concept too
+    assert composition_prompt(learning(2)) == "a photo of <&0> and <&1>"
+    assert composition_prompt(learning(0)) is None

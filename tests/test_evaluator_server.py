@@ -226,6 +226,53 @@ def test_evaluate_set_streams_items_and_matches_the_metrics_module(stub, tiny_bu
         assert item.scores[1].HasField("sim_c") == (want.sim_c is not None)
 
 
+def test_accuracy_scope_is_reported_per_request_and_per_set(stub):
+    """Evaluate ranks among one image's own concepts (flagged REQUEST: with 3 concepts ACC^3 is 1 whatever the
+    images); EvaluateSet ranks among the whole set's (SET), which is the paper's protocol."""
+    items = set_items()
+    wrong = pb.EvaluateRequest(source_image=items[1].source_image, concepts=items[1].concepts)  # copies of others
+    single = stub.Evaluate(wrong, timeout=60)
+    for s in single.scores:
+        assert s.accuracy_scope == pb.ACCURACY_SCOPE_REQUEST and s.concepts_in_scope == 3
+        assert s.acc3 == 1.0  # any image ranks its own concept among the first 3 of 3
+        assert not s.HasField("sim_c") and s.sim_c_absent_reason == "no composition images were sent"
+    stream = [pb.EvaluateSetRequest(options=pb.EvaluateOptions())] + [pb.EvaluateSetRequest(item=it) for it in items]
+    whole = stub.EvaluateSet(iter(stream), timeout=120)
+    for s in [*whole.scores, *(e for item in whole.item_scores for e in item.scores)]:
+        assert s.accuracy_scope == pb.ACCURACY_SCOPE_SET and s.concepts_in_scope == 9
+    assert whole.scores[0].sim_c_absent_reason == ""  # two of the items sent composition images
+    assert whole.item_scores[2].scores[0].sim_c_absent_reason == "no composition images were sent"
+
+
+def test_sim_c_is_defined_for_an_image_with_one_concept(stub):
+    img = photo(0)
+    request = pb.EvaluateRequest(source_image=encode_png(img), concepts=concepts_for(img, [[0, 0]])[:1],
+                                 composition_images=[encode_png(photo(1)), encode_png(img)])
+    for s in stub.Evaluate(request, timeout=60).scores:
+        assert s.HasField("sim_c") and s.sim_c_absent_reason == ""
+        assert -1 <= s.sim_c < 1 and s.concepts_in_scope == 1
+
+
+def test_sdk_evaluate_set_matches_the_service(running, tiny_bundle):
+    from client import IceClient
+
+    server, stub = running
+    items = set_items()
+    sdk_items = [(it.item_id or str(k), it.source_image,
+                  [(c.concept_id, c.mask, list(c.images)) for c in it.concepts], list(it.composition_images))
+                 for k, it in enumerate(items)]
+    with IceClient(evaluator=f"127.0.0.1:{server.port}") as ice:
+        result = ice.evaluate_set(iter(sdk_items), background_fill="gray")
+    stream = [pb.EvaluateSetRequest(options=pb.EvaluateOptions(background_fill=pb.BACKGROUND_FILL_GRAY))]
+    direct = stub.EvaluateSet(iter(stream + [pb.EvaluateSetRequest(item=it) for it in items]), timeout=120)
+    assert (result.item_count, result.concept_count) == (3, 9)
+    assert [s.encoder for s in result.scores] == ["CLIP", "DINO"]
+    for got, want in zip(result.scores, direct.scores, strict=True):
+        assert got.acc1 == pytest.approx(want.acc1) and got.acc3 == pytest.approx(want.acc3)
+        assert got.accuracy_scope == "SET" and got.concepts_in_scope == 9 and not got.per_request
+    assert [i for i, _ in result.items] == ["img0", "1", "img2"]
+
+
 def test_evaluate_set_stream_errors(stub):
     item = pb.EvaluateSetRequest(item=set_items()[0])
     options = pb.EvaluateSetRequest(options=pb.EvaluateOptions())

@@ -1,4 +1,4 @@
-"""UCE concept metrics (ICE_REFERENCE A.12, B §5): SIM^I, SIM^C, ACC^1, ACC^3 per image encoder.
+"""UCE concept metrics (docs/method.md#evaluation): SIM^I, SIM^C, ACC^1, ACC^3 per image encoder.
 
 No official evaluation code exists for ICE, so every protocol choice is explicit here and a parameter:
 
@@ -11,15 +11,19 @@ No official evaluation code exists for ICE, so every protocol choice is explicit
 - **Embeddings**: each encoder's unit vector (`encoders.py`); similarity = cosine in [-1, 1], not rescaled.
 - **SIM^I** of a concept: mean cosine between its generated images and its source region. Of a request or set:
   mean over concepts.
-- **SIM^C** of a source image: mean cosine between its composition images and the whole source image (not
-  masked, not cropped; the encoder's own resize + centre crop applies). Of a set: mean over the items that have
-  composition images.
+- **SIM^C** of a source image: mean cosine between its composition images (generated from a prompt with all
+  its concept tokens; for an image with one concept, from that concept's token alone) and the whole source image
+  (not masked, not cropped; the encoder's own resize + centre crop applies). Of a set: mean over the items that
+  have composition images. Without any, SIM^C is absent and `Scores.sim_c_absent_reason` says why.
 - **ACC^1 / ACC^3**: every generated image of a concept is classified among the source regions of *all* concepts in
   scope (one image, or the whole set) by cosine. Its rank is 1 + the number of *other* concepts scoring at least as
   high as its own (ties count against it). Correct when rank = 1 / rank <= 3. Accuracy of a concept = fraction of
   its images correct; of a request or set = mean over concepts.
 - **rank** of a concept: the rank of its own source region when the normalised mean of its generated embeddings
   is classified the same way.
+- **Scope**: `evaluate` (one image) ranks among that image's own concepts (`scope="request"`): with at most 3
+  concepts ACC^3 is 1 by construction, so these are not the paper's numbers. The paper ranks among every concept
+  of its benchmark set: `SetEvaluation` (`scope="set"`), served as EvaluateSet.
 
 Set-level evaluation is streamed: `SetEvaluation.add` embeds one item (decoding its images one batch at a time)
 and keeps only embeddings (and the item's SIM^C cosines); `result()` classifies over the union of all concepts.
@@ -182,6 +186,9 @@ class Scores:
     acc1: float
     acc3: float
     concepts: list[ConceptScores] = field(default_factory=list)
+    scope: str = "set"  # what ACC and ranks were measured among: "request" (one image's concepts) or "set"
+    concepts_in_scope: int = 0
+    sim_c_absent_reason: str = ""  # why sim_c is None ("" when it is set)
 
 
 @dataclass
@@ -190,13 +197,19 @@ class SetScores:
     items: list[tuple[str, Scores]]  # per item, in order; ranks measured among all the set's concepts
 
 
-def _aggregate(concepts: list[ConceptScores], sim_c: list[float]) -> Scores:
+NO_COMPOSITION = "no composition images were sent"
+
+
+def _aggregate(concepts: list[ConceptScores], sim_c: list[float], scope: str, in_scope: int) -> Scores:
     return Scores(
         sim_i=float(np.mean([c.sim_i for c in concepts])),
         sim_c=float(np.mean(sim_c)) if sim_c else None,
         acc1=float(np.mean([c.acc1 for c in concepts])),
         acc3=float(np.mean([c.acc3 for c in concepts])),
         concepts=concepts,
+        scope=scope,
+        concepts_in_scope=in_scope,
+        sim_c_absent_reason="" if sim_c else NO_COMPOSITION,
     )
 
 
@@ -205,7 +218,7 @@ def ranks(scores: torch.Tensor, own: int) -> torch.Tensor:
     return (scores >= scores[:, own : own + 1]).sum(dim=1)  # the own column counts itself once
 
 
-def score_items(items: Sequence[ItemEmbeddings]) -> SetScores:
+def score_items(items: Sequence[ItemEmbeddings], scope: str = "set") -> SetScores:
     """Scores of every concept among all the concepts of `items`, per item and overall."""
     all_concepts = [c for item in items for c in item.concepts]
     if not all_concepts:
@@ -233,9 +246,9 @@ def score_items(items: Sequence[ItemEmbeddings]) -> SetScores:
             k += 1
         sim_c = [float(item.composition_sims.mean())] if item.composition_sims.numel() else []
         item_sim_c += sim_c
-        per_item.append((item.item_id, _aggregate(scored, sim_c)))
+        per_item.append((item.item_id, _aggregate(scored, sim_c, scope, len(all_concepts))))
         every += scored
-    return SetScores(_aggregate(every, item_sim_c), per_item)
+    return SetScores(_aggregate(every, item_sim_c, scope, len(all_concepts)), per_item)
 
 
 class SetEvaluation:
@@ -264,7 +277,8 @@ class SetEvaluation:
 
 
 def evaluate(item: ItemInput, embedder: Embedder, encoders: Sequence[str], protocol: Protocol = Protocol()) -> dict[str, Scores]:
-    """The scores of one source image's concepts, accuracy measured among its own concepts."""
+    """The scores of one source image's concepts, accuracy measured among its own concepts only
+    (`scope="request"`; see the module docstring)."""
     evaluation = SetEvaluation(embedder, encoders, protocol)
     evaluation.add(item)
-    return {name: s.overall for name, s in evaluation.result().items()}
+    return {name: score_items(items, scope="request").overall for name, items in evaluation.items.items()}

@@ -191,6 +191,9 @@ def _lazy_image(data: bytes, field: str):
     return lambda: decode_image(data, field=field)
 
 
+_SCOPES = {"request": pb.ACCURACY_SCOPE_REQUEST, "set": pb.ACCURACY_SCOPE_SET}
+
+
 def _encoder_scores(name: str, scores: Scores) -> pb.EncoderScores:
     out = pb.EncoderScores(
         encoder=_ENCODER_ENUMS[name],
@@ -199,6 +202,9 @@ def _encoder_scores(name: str, scores: Scores) -> pb.EncoderScores:
         acc3=scores.acc3,
         concepts=[pb.ConceptScore(concept_id=c.concept_id, sim_i=c.sim_i, acc1=c.acc1, acc3=c.acc3, rank=c.rank)
                   for c in scores.concepts],
+        accuracy_scope=_SCOPES[scores.scope],
+        concepts_in_scope=scores.concepts_in_scope,
+        sim_c_absent_reason=scores.sim_c_absent_reason,
     )
     if scores.sim_c is not None:
         out.sim_c = scores.sim_c

@@ -21,6 +21,12 @@ class Crop(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     CROP_UNSPECIFIED: _ClassVar[Crop]
     CROP_NONE: _ClassVar[Crop]
     CROP_MASK_BOX: _ClassVar[Crop]
+
+class AccuracyScope(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    ACCURACY_SCOPE_UNSPECIFIED: _ClassVar[AccuracyScope]
+    ACCURACY_SCOPE_REQUEST: _ClassVar[AccuracyScope]
+    ACCURACY_SCOPE_SET: _ClassVar[AccuracyScope]
 BACKGROUND_FILL_UNSPECIFIED: BackgroundFill
 BACKGROUND_FILL_BLACK: BackgroundFill
 BACKGROUND_FILL_WHITE: BackgroundFill
@@ -29,6 +35,9 @@ BACKGROUND_FILL_MEAN: BackgroundFill
 CROP_UNSPECIFIED: Crop
 CROP_NONE: Crop
 CROP_MASK_BOX: Crop
+ACCURACY_SCOPE_UNSPECIFIED: AccuracyScope
+ACCURACY_SCOPE_REQUEST: AccuracyScope
+ACCURACY_SCOPE_SET: AccuracyScope
 
 class EvaluateRequest(_message.Message):
     __slots__ = ("source_image", "concepts", "composition_images", "options")
@@ -69,20 +78,26 @@ class EvaluateResponse(_message.Message):
     def __init__(self, scores: _Optional[_Iterable[_Union[EncoderScores, _Mapping]]] = ...) -> None: ...
 
 class EncoderScores(_message.Message):
-    __slots__ = ("encoder", "sim_i", "sim_c", "acc1", "acc3", "concepts")
+    __slots__ = ("encoder", "sim_i", "sim_c", "acc1", "acc3", "concepts", "accuracy_scope", "concepts_in_scope", "sim_c_absent_reason")
     ENCODER_FIELD_NUMBER: _ClassVar[int]
     SIM_I_FIELD_NUMBER: _ClassVar[int]
     SIM_C_FIELD_NUMBER: _ClassVar[int]
     ACC1_FIELD_NUMBER: _ClassVar[int]
     ACC3_FIELD_NUMBER: _ClassVar[int]
     CONCEPTS_FIELD_NUMBER: _ClassVar[int]
+    ACCURACY_SCOPE_FIELD_NUMBER: _ClassVar[int]
+    CONCEPTS_IN_SCOPE_FIELD_NUMBER: _ClassVar[int]
+    SIM_C_ABSENT_REASON_FIELD_NUMBER: _ClassVar[int]
     encoder: _common_pb2.Encoder
     sim_i: float
     sim_c: float
     acc1: float
     acc3: float
     concepts: _containers.RepeatedCompositeFieldContainer[ConceptScore]
-    def __init__(self, encoder: _Optional[_Union[_common_pb2.Encoder, str]] = ..., sim_i: _Optional[float] = ..., sim_c: _Optional[float] = ..., acc1: _Optional[float] = ..., acc3: _Optional[float] = ..., concepts: _Optional[_Iterable[_Union[ConceptScore, _Mapping]]] = ...) -> None: ...
+    accuracy_scope: AccuracyScope
+    concepts_in_scope: int
+    sim_c_absent_reason: str
+    def __init__(self, encoder: _Optional[_Union[_common_pb2.Encoder, str]] = ..., sim_i: _Optional[float] = ..., sim_c: _Optional[float] = ..., acc1: _Optional[float] = ..., acc3: _Optional[float] = ..., concepts: _Optional[_Iterable[_Union[ConceptScore, _Mapping]]] = ..., accuracy_scope: _Optional[_Union[AccuracyScope, str]] = ..., concepts_in_scope: _Optional[int] = ..., sim_c_absent_reason: _Optional[str] = ...) -> None: ...
 
 class ConceptScore(_message.Message):
     __slots__ = ("concept_id", "sim_i", "acc1", "acc3", "rank")

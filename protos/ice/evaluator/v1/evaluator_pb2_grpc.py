@@ -64,7 +64,9 @@ class EvaluatorServiceServicer:
     """
 
     def Evaluate(self, request, context):
-        """Scores the concepts learned from one source image.
+        """Scores the concepts learned from one source image. Its ACC^1/ACC^3 rank each concept among this image's
+        own concepts only (ACCURACY_SCOPE_REQUEST), not among a benchmark set's as the paper does: use
+        `EvaluateSet` for those.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
