@@ -221,9 +221,22 @@ def _metrics_table(metrics: dict[str, Any]) -> str:
     rows = ["<tr><th>encoder</th><th>SIM<sup>I</sup></th><th>SIM<sup>C</sup></th><th>ACC<sup>1</sup></th>"
             "<th>ACC<sup>3</sup></th></tr>"]
     for s in scores:
-        rows.append(f"<tr><td>{_e(s['encoder'])}</td><td>{_fmt(s['sim_i'])}</td><td>{_fmt(s['sim_c'])}</td>"
+        sim_c = _fmt(s["sim_c"]) if s["sim_c"] is not None or not s.get("sim_c_absent_reason") else (
+            f'<span title="{_e(s["sim_c_absent_reason"])}">–</span>')
+        rows.append(f"<tr><td>{_e(s['encoder'])}</td><td>{_fmt(s['sim_i'])}</td><td>{sim_c}</td>"
                     f"<td>{_fmt(s['acc1'])}</td><td>{_fmt(s['acc3'])}</td></tr>")
-    return "<table>" + "".join(rows) + "</table>"
+    notes = []
+    scoped = next((s for s in scores if s.get("accuracy_scope") == "REQUEST"), None)
+    if scoped is not None:
+        notes.append(f'<p class="note">Per-image accuracy: ACC<sup>1</sup> and ACC<sup>3</sup> rank each concept '
+                     f"among this image's own {scoped.get('concepts_in_scope', 0)} concept(s) only (ACC<sup>3</sup> "
+                     "is 1 with at most 3), not among a whole benchmark set as the paper does. Score a set of "
+                     "results together for those numbers: <code>ice evaluate RESULTS_DIR</code>.</p>")
+    absent = next((s.get("sim_c_absent_reason") for s in scores if s["sim_c"] is None
+                   and s.get("sim_c_absent_reason")), None)
+    if absent:
+        notes.append(f'<p class="note">No SIM<sup>C</sup>: {_e(absent)}.</p>')
+    return "<table>" + "".join(rows) + "</table>" + "".join(notes)
 
 
 def _concept_scores(metrics: dict[str, Any], concept_id: str) -> str:
