@@ -33,7 +33,7 @@ class LocalizeOptions:
 
 @dataclass(frozen=True)
 class Schedule:
-    """The learning schedule (ICE_REFERENCE §3.3, §3.11). Defaults: 400 / 400 / 300 steps, 1000 class images."""
+    """The learning schedule (docs/method.md#schedule). Defaults: 400 / 400 / 300 steps, 1000 class images."""
 
     phase1_steps: int | None = None
     phase2_steps: int | None = None

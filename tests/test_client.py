@@ -349,7 +349,7 @@ def test_extract_runs_every_stage_and_writes_the_report(fakes, tmp_path):
     assert [u.step for u in updates] == sorted(u.step for u in updates)
     assert updates[-1].done and updates[-1].state == "SUCCEEDED"
     assert x.learning.attributes("c0") == ["texture", "material", "color"]
-    # generation per B §4: one object-level prompt per concept, 3 intrinsic + "a <&i>", and the composition
+    # generation as docs/method.md#generation: one object-level prompt per concept, 3 intrinsic + "a <&i>", and the composition
     kinds = [r.kind for r in fakes.learner.generate_requests[-3:]]
     assert kinds == [learner_pb2.PROMPT_KIND_OBJECT_LEVEL, learner_pb2.PROMPT_KIND_INTRINSIC,
                      learner_pb2.PROMPT_KIND_FREE]

@@ -4,7 +4,7 @@ Every encoder maps a list of RGB PIL images to a float32 tensor [N, D] of unit r
 plain dot product. Both run in fp32 whatever the device: the encoders are small (ViT-B/32, ViT-S/16) and the
 metrics should not depend on the card's precision.
 
-CLIP runs by default from the bundle's ONNX export through onnxruntime (ICE_REFERENCE A.2): it is the very graph
+CLIP runs by default from the bundle's ONNX export through onnxruntime (docs/method.md#retriever-backbone-and-re-ranker): it is the very graph
 the localizer's retriever runs, so both services see the same CLIP embeddings, and the bundle checks it against
 the open_clip weights. On a CUDA device whose onnxruntime has no CUDA provider, `clip_backend="auto"` switches to
 open_clip in torch on that device rather than leaving the GPU idle.

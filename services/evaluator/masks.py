@@ -4,7 +4,7 @@ Each mask is a binary pixel set and is scored as such: masks are never collapsed
 overlapping masks (which the localizer's per-concept masks may be) each keep all their pixels, and a pixel
 covered by two predictions can count for both.
 
-Matching (the evaluator proto; ICE_REFERENCE B §5): ground-truth and predicted masks are paired one-to-one by
+Matching (the evaluator proto; docs/method.md#evaluation): ground-truth and predicted masks are paired one-to-one by
 `scipy.optimize.linear_sum_assignment`, maximising the total IoU (`objective="iou"`, the service's choice) or the
 total intersection (`objective="intersection"`, DiffSeg's confusion-histogram variant). A pair that does not
 overlap at all is not a match. For a ground-truth mask g matched to p: TP = |p ∩ g|, FP = |p \\ g|,

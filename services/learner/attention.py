@@ -1,4 +1,4 @@
-"""Cross-attention capture for the attention loss (ICE_REFERENCE B §3.6), on the layers the loss reads only.
+"""Cross-attention capture for the attention loss (docs/method.md#losses), on the layers the loss reads only.
 
 The loss needs the softmax cross-attention probabilities of the down- and up-block layers at 16×16 (the
 mid block is excluded), averaged over all their heads. Only those layers get `CaptureCrossAttnProcessor`,

@@ -1,4 +1,4 @@
-"""Generation with a job's learned tokens (ICE_REFERENCE B §4): the published object-level and per-attribute
+"""Generation with a job's learned tokens (docs/method.md#generation): the published object-level and per-attribute
 prompts, or free prompts, with a DPM-Solver multistep scheduler, seeded per image."""
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ MAX_SEED = 2**64
 
 @dataclass(frozen=True)
 class GenerationDefaults:
-    """What a Generate request leaves unset: the published inference values (B §4), or the bundle's own."""
+    """What a Generate request leaves unset: the published inference values (docs/method.md#generation), or the bundle's own."""
 
     num_images: int = 8
     num_inference_steps: int = 50

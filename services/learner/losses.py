@@ -1,11 +1,11 @@
-"""The losses of ICE stage 2 (ICE_REFERENCE B §3.5, §3.7, §3.8), written from their formulas.
+"""The losses of ICE stage 2 (docs/method.md#losses), written from their formulas.
 
 - `masked_reconstruction`: the diffusion loss on the concept's mask only; the mean runs over every element,
-  background included (B §3.5).
+  background included.
 - `sinkhorn_cost` / `attention_loss`: entropic optimal transport between a concept's mask and its tokens'
   cross-attention, log-domain Sinkhorn, batched, with the gradient the published code uses (scaled dual
-  potentials, not autograd through the iterations) (B §3.7).
-- `phase1_triplet`, `intrinsic_margins`, `phase2_triplets`: the triplet losses over E(·) (B §3.8), including
+  potentials, not autograd through the iterations).
+- `phase1_triplet`, `intrinsic_margins`, `phase2_triplets`: the triplet losses over E(·), including
   the quirks documented there: with the default margin the phase-1 hinge is always active, and the phase-2
   loss is the plain sum of its terms.
 """
@@ -20,7 +20,7 @@ import torch.nn.functional as F
 
 SINKHORN_EPSILON = 1e-3
 SINKHORN_ITERATIONS = 200
-MARGIN_SCALE = 0.7  # m[x][c] = 0.7 (E(x) - E(c))^2, element-wise (B §3.8)
+MARGIN_SCALE = 0.7  # m[x][c] = 0.7 (E(x) - E(c))^2, element-wise (docs/method.md#losses)
 _POSITIVE = 1e-10  # a hinge value above this counts as an active triplet
 
 
@@ -105,7 +105,7 @@ def attention_loss(
     epsilon: float = SINKHORN_EPSILON,
     iterations: int = SINKHORN_ITERATIONS,
 ) -> torch.Tensor:
-    """Σ_batch W(mask, attention) / B, before the λ_att weight (B §3.7).
+    """Σ_batch W(mask, attention) / B, before the λ_att weight.
 
     attention: [B, s, s] the concept's averaged token attention Â (non-negative); mask: [B, 1, H, W].
     """
@@ -127,7 +127,7 @@ def phase1_triplet(anchor: torch.Tensor, positive: torch.Tensor, negative: torch
     """max(d(a, p) − d(a, n) + γ, 0) summed over the batch, divided by the number of active triplets.
 
     anchor = E(object word), positive = E(<&i>), negative = E(<*i>); each [B, D] or [D]. With unit vectors
-    d ≤ 4/D, so the default γ = 0.05 keeps the hinge always active (B §3.8). Where no triplet is active the
+    d ≤ 4/D, so the default γ = 0.05 keeps the hinge always active. Where no triplet is active the
     published code would divide 0 by 0; we return 0 instead.
     """
     losses = F.relu(_msd(anchor, positive) - _msd(anchor, negative) + margin).reshape(-1)
@@ -139,7 +139,7 @@ def intrinsic_margins(embeddings: dict[str, torch.Tensor], anchors: Sequence[str
     """m[(x, c)] = 0.7 · (E(x) − E(c))², element-wise, for every word x in `embeddings` and anchor c ≠ x.
 
     `embeddings` maps a word (the intrinsic anchors and the object words) to its E(·) under the initial
-    text encoder; computed once at start-up (B §3.8).
+    text encoder; computed once at start-up.
     """
     return {
         (x, c): (MARGIN_SCALE * (ex - embeddings[c]) ** 2).detach()
@@ -150,7 +150,7 @@ def intrinsic_margins(embeddings: dict[str, torch.Tensor], anchors: Sequence[str
 
 
 def _hinge_mean(anchor, close, far, margin) -> torch.Tensor:
-    """mean over dims of max((a − close)² − (a − far)² + m, 0): the element-wise hinge of B §3.8."""
+    """mean over dims of max((a − close)² − (a − far)² + m, 0): the element-wise hinge (docs/method.md#losses)."""
     return F.relu((anchor - close) ** 2 - (anchor - far) ** 2 + margin).mean(dim=-1)
 
 
@@ -175,7 +175,7 @@ def phase2_triplets(
     L_k averages, over the other anchors j, the positive t_kj = hinge(E(k), c_{i,k}, c_{i,j}, m[k][j]):
     pull the k-token toward the word k and push the other intrinsic tokens of the concept away from it.
     L_obj averages the positive s_c = hinge(E(a_i), E(<&i>), c_{i,c}, m[a_i][c]). The published code sums
-    the terms without normalising (B §3.8, `L948-949`).
+    the terms without normalising (as published).
     """
     anchors = list(intrinsic_tokens)
     total = concept_token.new_zeros(())
@@ -198,7 +198,7 @@ def phase2_triplets(
 
 
 def timestep_weights(num_train_timesteps: int, t_dist: float) -> torch.Tensor:
-    """p(t) ∝ 1 − t_dist · cos(π t / T), t = 0 … T−1 (B §3.4 step 3): large t up to 3× likelier at 0.5."""
+    """p(t) ∝ 1 − t_dist · cos(π t / T), t = 0 … T−1 (docs/method.md#a-training-step): large t up to 3× likelier at 0.5."""
     t = torch.arange(num_train_timesteps, dtype=torch.float64)
     weights = 1.0 - t_dist * torch.cos(math.pi * t / num_train_timesteps)
     return weights / weights.sum()

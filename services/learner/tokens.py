@@ -1,4 +1,4 @@
-"""Learned tokens (ICE_REFERENCE B §3.2) and E(·), the text embedding the triplet losses compare (B §3.8).
+"""Learned tokens (docs/method.md#tokens) and E(·), the text embedding the triplet losses compare (docs/method.md#e-the-text-embedding).
 
 Per concept i: an instance-specific token `<*i>`, a concept-specific token `<&i>` and one intrinsic token per
 anchor (`<#i>`, `<%i>`, `<$i>`, `<!i>` for the first to fourth anchor). The new rows live in one trainable
@@ -116,7 +116,7 @@ class ConceptTokens:
 
     @torch.no_grad()
     def initialise(self, init_words: list[str], rng: random.Random) -> None:
-        """B §3.2: `<*i>` and `<&i>` from the first BPE token of `init_words[i]` (None = a random vocabulary
+        """docs/method.md#tokens: `<*i>` and `<&i>` from the first BPE token of `init_words[i]` (None = a random vocabulary
         row, the "without text init" ablation); intrinsic tokens from random vocabulary rows (re-initialised
         from `<*i>` when phase 2 starts)."""
         base = self.embedding.base.weight
@@ -127,7 +127,7 @@ class ConceptTokens:
 
     @torch.no_grad()
     def copy_instance_to_intrinsic(self) -> None:
-        """Phase 2 starts every intrinsic token of concept i at the learned `<*i>` (B §3.2)."""
+        """Phase 2 starts every intrinsic token of concept i at the learned `<*i>`."""
         for s in self.specs:
             if s.role == INTRINSIC:
                 self.new[self.row[s.token]] = self.new[self.row[self.token(INSTANCE, s.concept_index)]]
@@ -142,7 +142,7 @@ class ConceptTokens:
                               truncation=True, return_tensors="pt").input_ids.to(device)
 
     def encode(self, texts: list[str], device) -> torch.Tensor:
-        """E(·) of each text, L2-normalised [len(texts), D] (B §3.8, decision 7).
+        """E(·) of each text, L2-normalised [len(texts), D] (docs/method.md#e-pooling-written-out).
 
         The text encoder's final-layer-normed hidden state, taken where the published code's legacy pooling
         takes it (argmax of the ids): at the highest learned token when the text has one (for a lone

@@ -1,4 +1,4 @@
-"""One UNet pass of the bundle's diffusion model that records its attention probabilities (B §2.3.1).
+"""One UNet pass of the bundle's diffusion model that records its attention probabilities (docs/method.md#segmentor).
 
 Only this pass swaps in `CaptureAttnProcessor`; the previous processors are restored afterwards, so other code
 keeps diffusers' default (fused, probability-free) attention. The capture averages heads at once and sums the

@@ -1,6 +1,6 @@
 """Symmetric KL between attention distributions, as entropy terms plus one matrix product (torch).
 
-DiffSeg (ICE_REFERENCE B §2.3.4) compares distributions over the N pixels of the attention map with
+DiffSeg (docs/method.md#segmentor) compares distributions over the N pixels of the attention map with
 
     D(p, q) = ½ Σ (p − q)(log p − log q) = ½ (Σ p log p + Σ q log q − Σ p log q − Σ q log p).
 

@@ -4,7 +4,7 @@
 
 with C the [V, D] dictionary (one centred, normalised word embedding per row) and z a centred, normalised image
 embedding. This is sklearn's ``Lasso(alpha=λ/(2D), positive=True, fit_intercept=False)`` fit on X = Cᵀ, y = z
-(ICE_REFERENCE B §2.2.1), multiplied through by 2D.
+(docs/method.md#retriever), multiplied through by 2D.
 
 It is the quadratic program min ½wᵀQw − bᵀw, w ≥ 0 with Q = 2CCᵀ and b = 2Cz − λ. Q is V × V (15,000² for
 SpLiCE) and is never formed. A working-set method:

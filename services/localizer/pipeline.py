@@ -1,4 +1,4 @@
-"""The localization loop (B §2.6 with decision 5): retrieve → segment → remove, until little is left.
+"""The localization loop (docs/method.md#the-loop-and-its-stop): retrieve → segment → remove, until little is left.
 
 Everything is computed on the largest centred square of the input: at its native resolution for CLIP, resized to
 the bundle's image size S for the diffusion model. Masks are mapped back onto the full input canvas at the end
@@ -22,13 +22,13 @@ from services.localizer.kl import resolve_backend
 from services.localizer.retriever import Reranker, Retriever
 from services.localizer.segmentor import DiffSegConfig, instances, segment, word_token_positions
 
-PROMPT_WORDS = ("things", "background")  # the prompt is "<noun> things background" (B §2.3.1)
+PROMPT_WORDS = ("things", "background")  # the prompt is "<noun> things background"
 STOP_REASONS = ("remaining_fraction", "max_rounds", "max_concepts", "no_progress", "no_new_noun")
 
 
 @dataclass(frozen=True)
 class LocalizeOptions:
-    """The published values are the defaults (ICE_REFERENCE B §2.7)."""
+    """The published values are the defaults (docs/method.md#options)."""
 
     max_concepts: int | None = None  # None: no cap other than max_rounds
     max_rounds: int = 11

@@ -1,4 +1,4 @@
-"""The image-to-text retriever (B §2.2): SpLiCE over the bundle's CLIP, run by onnxruntime.
+"""The image-to-text retriever (docs/method.md#retriever): SpLiCE over the bundle's CLIP, run by onnxruntime.
 
 The image is embedded by the bundle's ONNX CLIP image tower (CUDA provider when present, else CPU; one session
 per process, cached by the bundle), L2-normalised, centred on the bundle's image mean and renormalised; its

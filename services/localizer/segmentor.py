@@ -1,4 +1,4 @@
-"""DiffSeg on the captured attention, and the cross-attention vote that ties segments to words (B §2.3-2.5).
+"""DiffSeg on the captured attention, and the cross-attention vote that ties segments to words (docs/method.md#segmentor).
 
 All maps are square. R is the largest attention resolution (64 for SD at 512 px, 16 for the tiny bundle); the
 label map is produced at the bundle's image size S.
@@ -122,7 +122,7 @@ def word_token_positions(tokenizer, words: list[str]) -> list[list[int]]:
 
 
 def word_maps(cross: dict[int, torch.Tensor], positions: list[list[int]], size: int) -> torch.Tensor:
-    """[W, size, size]: for each word, the cross-attention averaged over ALL its token positions (decision 6),
+    """[W, size, size]: for each word, the cross-attention averaged over ALL its token positions (docs/method.md#multi-token-nouns),
     upsampled, normalised over the token axis, summed over resolutions, then L2-normalised over pixels."""
     out = None
     for s, a in cross.items():
