@@ -1,6 +1,7 @@
-"""ICE stage 2, structured concept learning (ICE_REFERENCE B §3), as a resumable training loop. No gRPC.
+"""ICE stage 2, structured concept learning (docs/method.md#stage-2-learning), as a resumable training loop.
+No gRPC.
 
-Phases, in global step order (B §3.3):
+Phases, in global step order (docs/method.md#schedule):
 1. object level (`phase1_steps`): `<*i>` and `<&i>` train on prompts "template(<*i><&i>)", with the masked
    reconstruction, prior preservation, the phase-1 triplet and the attention loss;
 2. intrinsic (`phase2_steps`): the intrinsic tokens start as copies of `<*i>` and train on
@@ -55,7 +56,7 @@ PREPARING, OBJECT_LEVEL, INTRINSIC_PHASE, REFINEMENT, FINISHING = (
 ABLATIONS = ("none", "mask_only", "without_stage_two", "without_text_init")
 DELTAS = ("full", "lora")
 
-# Textual-Inversion-style templates the published code draws from uniformly (B §3.2).
+# Textual-Inversion-style templates the published code draws from uniformly (docs/method.md#prompts).
 TEMPLATES = (
     "a photo of a {}", "a rendering of a {}", "a cropped photo of the {}", "the photo of a {}",
     "a photo of a clean {}", "a photo of a dirty {}", "a dark photo of the {}", "a photo of my {}",
@@ -71,7 +72,7 @@ MAX_GRAD_NORM = 1.0
 
 @dataclass(frozen=True)
 class Schedule:
-    """Steps and loss weights; the defaults are the published ones (B §3.3, §3.11)."""
+    """Steps and loss weights; the defaults are the published ones (docs/method.md#schedule)."""
 
     phase1_steps: int = 400
     phase2_steps: int = 400
@@ -312,7 +313,7 @@ class Trainer:
         if self.store is not None:
             self.store.keep = slice(1, 2) if self.prior else slice(0, 1)  # the instance sample only
 
-        # E(·) of the fixed words under the initial text encoder, and the phase-2 margins (B §3.8)
+        # E(·) of the fixed words under the initial text encoder, and the phase-2 margins
         words = sorted(set(spec.anchors) | set(spec.object_words))
         with torch.no_grad():
             encoded = self.tokens.encode(words, dev)
@@ -347,7 +348,7 @@ class Trainer:
             if not resuming and (phase == INTRINSIC_PHASE or s.phase2_steps == 0):
                 self.tokens.copy_instance_to_intrinsic()
         if phase in (OBJECT_LEVEL, INTRINSIC_PHASE) and self.optimizer is None:
-            # one AdamW over the new rows for both phases: its state carries over into phase 2 (B §3.3)
+            # one AdamW over the new rows for both phases: its state carries over into phase 2
             self.optimizer = self._embedding_optimizer([self.tokens.new], s.embedding_learning_rate)
         if phase == REFINEMENT:
             self._setup_refinement()
@@ -445,7 +446,7 @@ class Trainer:
         torch.nn.utils.clip_grad_norm_(params, MAX_GRAD_NORM)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        with torch.no_grad():  # frozen rows back to their phase-start values (B §3.3)
+        with torch.no_grad():  # frozen rows back to their phase-start values
             frozen = ~self.row_mask
             self.tokens.new[frozen] = self.snapshot[frozen]
         losses = {k: float(v.detach()) for k, v in terms.items()}
@@ -530,8 +531,9 @@ class Trainer:
 
 
 def training_target(scheduler, latents: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-    """What the UNet learns to predict, by the scheduler's `prediction_type` (B §3.4 trains ε with SD-2.1-base;
-    a v-prediction checkpoint must be trained on the velocity or every step pulls it off its own objective)."""
+    """What the UNet learns to predict, by the scheduler's `prediction_type` (docs/method.md#a-training-step).
+    The published code trains ε with SD-2.1-base; a v-prediction checkpoint must be trained on the velocity or
+    every step pulls it off its own objective."""
     kind = scheduler.config.prediction_type
     if kind == "epsilon":
         return noise
