@@ -12,7 +12,7 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export HF_HUB_DISABLE_TELEMETRY := 1
 
-.PHONY: help install protos protos-check bundle demo test bench lint k8s-validate clean
+.PHONY: help install protos protos-check bundle demo demo-tiny toy-train toy-eval quality test bench lint k8s-validate clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F ':.*## ' '{printf "  make %-13s %s\n", $$1, $$2}'
@@ -51,8 +51,23 @@ $(BUNDLE)/bundle.json: $(STAMPS)/install $(wildcard services/common/*bundle*.py 
 bundle: $(BUNDLE)/bundle.json  ## build the tiny bundle into build/tiny-bundle
 	$(VENV)/bin/ice-bundle verify $(BUNDLE)
 
-demo: bundle  ## start the three services on loopback, extract concepts from a real photo, write a report
-	$(PY) -m client.demo --bundle $(BUNDLE) --out build/demo
+# --- ToyWorld: the trained bundle committed in toyworld/bundle, and the scripts that make and measure it -----
+TOY_BUNDLE := toyworld/bundle
+
+demo: $(STAMPS)/install  ## start the 3 services on loopback, extract a held-out ToyWorld scene, write a report
+	$(PY) -m client.demo --bundle $(TOY_BUNDLE) --out build/demo
+
+demo-tiny: bundle  ## the same with the tiny random bundle on a real photo (every step runs; nothing means anything)
+	$(PY) -m client.demo --bundle $(BUNDLE) --out build/demo-tiny
+
+toy-train: $(STAMPS)/install  ## train the ToyWorld models, assemble toyworld/bundle (resumable; hours on 2 CPU cores)
+	$(PY) -m toyworld.train all
+
+toy-eval: $(STAMPS)/install  ## measure the ToyWorld bundle: generation, CLIP, stage 1 -> bench/results/toyworld.json
+	$(PY) -m toyworld.evaluate
+
+quality: $(STAMPS)/install  ## ICE's claims and ablations on ToyWorld, through the services (about an hour; --quick: minutes)
+	$(PY) bench/quality.py $(QUALITY_ARGS)
 
 # the report tests render HTML in headless Chromium (Debian's package)
 $(STAMPS)/chromium:

@@ -1,10 +1,15 @@
 """`make demo`: the whole job on one machine, offline.
 
-    python -m client.demo --bundle build/tiny-bundle --out build/demo
+    python -m client.demo                                   # the ToyWorld bundle on a held-out ToyWorld scene
+    python -m client.demo --bundle build/tiny-bundle        # the tiny random bundle on a real photo
 
-Starts the localizer, learner and evaluator on loopback (free ports), extracts the concepts of a real photo
-that scikit-image ships (its `coffee` cup, or `--photo astronaut`) through the SDK with a short schedule,
-writes the report, stops the services (also on failure or Ctrl-C) and says where the report is.
+Starts the localizer, learner and evaluator on loopback (free ports), extracts the concepts of one picture through
+the SDK, writes the report, stops the services (also on failure or Ctrl-C) and says where the report is.
+
+With the ToyWorld bundle (toyworld/bundle, trained by `make toy-train` on a procedural world whose truth is known)
+the picture is a held-out ToyWorld scene, the options are the bundle's own recommended ones, and the report shows
+the ground truth (true objects, their masks) beside what was found. With any other bundle the picture is a photo
+that scikit-image ships (its `coffee` cup, or `--photo astronaut`) and the schedule is short.
 """
 
 from __future__ import annotations
@@ -41,6 +46,13 @@ then serve it (`ice serve --bundle bundles/sd21`, or the Kubernetes overlays und
   ice extract photo.jpg --out result/          (the published schedule: 400/400/300 steps; use a GPU)"""
 
 
+DEFAULT_BUNDLE = Path(__file__).resolve().parents[1] / "toyworld" / "bundle"
+DEFAULT_SCENE = 3  # a held-out three-object scene (toyworld.world.held_out_scene)
+# ToyWorld: the bundle's recommended schedule and sampler apply (the published 400/400/300 steps; 64 px steps are
+# fast); only the number of images per prompt is lowered to keep the demo short.
+TOYWORLD = ExtractOptions(generate=GenerateOptions(num_images=4, seed=0), seed=0)
+
+
 def photo_png(name: str) -> bytes:
     from PIL import Image
     from skimage import data
@@ -53,14 +65,18 @@ def photo_png(name: str) -> bytes:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m client.demo", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--bundle", type=Path, required=True, help="model bundle (make bundle builds the tiny one)")
+    parser.add_argument("--bundle", type=Path, default=DEFAULT_BUNDLE,
+                        help="model bundle (default: the ToyWorld bundle; `make bundle` builds the tiny one)")
     parser.add_argument("--out", type=Path, default=Path("build/demo"))
-    parser.add_argument("--photo", choices=["coffee", "astronaut", "chelsea", "rocket"], default="coffee")
+    parser.add_argument("--photo", choices=["coffee", "astronaut", "chelsea", "rocket"], default="coffee",
+                        help="the photo, for a bundle other than ToyWorld")
+    parser.add_argument("--scene", type=int, default=DEFAULT_SCENE, help="the held-out ToyWorld scene")
     parser.add_argument("--start-timeout", type=float, default=600.0)
     a = parser.parse_args(argv)
 
     if not (a.bundle / "bundle.json").is_file():
-        print(f"demo: {a.bundle} is not a model bundle; build the tiny one with `make bundle`", file=sys.stderr)
+        print(f"demo: {a.bundle} is not a model bundle; `make toy-train` trains the ToyWorld one, `make bundle` "
+              "builds the tiny one", file=sys.stderr)
         return 2
     from client.cli import UsageError, writable_dir
 
@@ -70,7 +86,19 @@ def main(argv: list[str] | None = None) -> int:
         print(f"demo: {exc}", file=sys.stderr)
         return 2
     options = DEMO
-    tiny = json.loads((a.bundle / "bundle.json").read_text()).get("kind") == "tiny"
+    kind = json.loads((a.bundle / "bundle.json").read_text()).get("kind")
+    tiny, toyworld = kind == "tiny", kind == "toyworld"
+    if toyworld:
+        from toyworld.world import held_out_scene
+
+        scene = held_out_scene(a.scene)
+        options, name = TOYWORLD, f"toyworld-scene-{a.scene}"
+        buf = io.BytesIO()
+        scene.image.save(buf, format="PNG")
+        image, what = buf.getvalue(), (f"held-out ToyWorld scene {a.scene} ("
+                                       + ", ".join(o.phrase() for o in scene.objects) + ")")
+    else:
+        image, name, what = photo_png(a.photo), a.photo, f"scikit-image's `{a.photo}` photo"
     if tiny:
         # random attention maps merge into few segments at the published threshold: merge less
         options = replace(DEMO, localize=replace(DEMO.localize, merge_threshold=0.0008, min_area_fraction=0.0))
@@ -83,12 +111,12 @@ def main(argv: list[str] | None = None) -> int:
         print("demo: services ready: " + ", ".join(f"{k} {v}" for k, v in services.targets().items()), flush=True)
         from client.sdk import IceClient
 
-        image = photo_png(a.photo)
         with IceClient(**services.targets()) as ice:
-            print(f"demo: extracting the concepts of scikit-image's `{a.photo}` photo "
-                  f"(schedule {DEMO.schedule.phase1_steps}/{DEMO.schedule.phase2_steps}/"
-                  f"{DEMO.schedule.refinement_steps} steps)", flush=True)
-            extraction = ice.extract(image, out_dir=out / a.photo, options=options, progress=True)
+            steps = ("the bundle's recommended schedule" if toyworld else
+                     f"schedule {DEMO.schedule.phase1_steps}/{DEMO.schedule.phase2_steps}/"
+                     f"{DEMO.schedule.refinement_steps} steps")
+            print(f"demo: extracting the concepts of the {what} ({steps})", flush=True)
+            extraction = ice.extract(image, out_dir=out / name, options=options, progress=True)
     except ServicesFailed as exc:
         print(f"demo: the services did not start: {exc}", file=sys.stderr)
         return 1
@@ -100,14 +128,20 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     finally:
         services.stop()
-    report = (out / a.photo / "report.html").resolve()
+    report = (out / name / "report.html").resolve()
     nouns = ", ".join(c.noun for c in extraction.localization.concepts) or "none"
     print(f"\ndemo: done in {time.perf_counter() - started:.0f}s; concepts: {nouns}")
+    if toyworld:
+        from client.report import attach_ground_truth
+
+        attach_ground_truth(out / name, [(o.phrase(), o.mask) for o in scene.objects], f"ToyWorld test scene {a.scene}")
+        print("demo: ground truth: " + ", ".join(o.phrase() for o in scene.objects))
     print(f"demo: the report is {report}\n      open it in a browser: file://{report}")
     if tiny:
         print("demo: note: the tiny bundle is random weights; it runs every step, but its concepts, images and "
               "scores carry no meaning.")
-    print(ASSEMBLE)
+    if not toyworld:
+        print(ASSEMBLE)
     return 0
 
 

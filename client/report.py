@@ -57,8 +57,13 @@ def _decode(data: bytes) -> Image.Image:
     return img
 
 
-def overlay(image: Image.Image, masks: Sequence[np.ndarray], labels: Sequence[str], alpha: float = 0.45) -> Image.Image:
-    """The image with each mask tinted in its own colour and its label written at the mask's centre."""
+def overlay(image: Image.Image, masks: Sequence[np.ndarray], labels: Sequence[str], alpha: float = 0.45,
+            scale: int = 1) -> Image.Image:
+    """The image with each mask tinted in its own colour and its label written at the mask's centre. `scale`
+    enlarges image and masks first (nearest), so that labels stay readable on a small picture."""
+    if scale > 1:
+        image = image.resize((image.width * scale, image.height * scale), Image.Resampling.NEAREST)
+        masks = [np.asarray(m, dtype=bool).repeat(scale, axis=0).repeat(scale, axis=1) for m in masks]
     base = np.asarray(image.convert("RGB"), dtype=np.float32)
     out = base.copy()
     for i, mask in enumerate(masks):
@@ -79,6 +84,11 @@ def overlay(image: Image.Image, masks: Sequence[np.ndarray], labels: Sequence[st
         draw.rectangle((box[0] - 3, box[1] - 2, box[2] + 3, box[3] + 2), fill=PALETTE[i % len(PALETTE)])
         draw.text((x, y), label, fill=(0, 0, 0), font=font, anchor="mm")
     return result
+
+
+def label_scale(image: Image.Image, target: int = 256) -> int:
+    """The integer enlargement that brings a small picture's shorter side to about `target` px (1 otherwise)."""
+    return max(1, target // max(1, min(image.size)))
 
 
 def _font(size: int):
@@ -141,7 +151,7 @@ def write_extraction(extraction: Extraction, out_dir: Path) -> Path:
         masks.append(mask)
         atomic_write(out_dir / "masks" / f"{c.concept_id}.png", c.mask_png)
         _save_png(cutout(source, mask), out_dir / "masks" / f"{c.concept_id}_cutout.png")
-    _save_png(overlay(source, masks, [c.noun for c in concepts]), out_dir / "overlay.png")
+    _save_png(overlay(source, masks, [c.noun for c in concepts], scale=label_scale(source)), out_dir / "overlay.png")
 
     files: dict[int, str] = {}
     for g in extraction.generated:
@@ -254,19 +264,21 @@ def render_report(record: dict[str, Any], metrics: dict[str, Any]) -> str:
     learning = record.get("learning") or {}
     tokens = learning.get("tokens") or []
     files = record["files"]
-    size = max(160, min(480, loc["width"]))
+    size = max(256, min(480, loc["width"]))
     parts = [f"<h1>ICE extraction: {len(loc['concepts'])} concept(s)</h1>"]
     bundle = learning.get("bundle") or {}
     if str(bundle.get("name", "")).startswith("tiny"):
         parts.append('<p class="note">Made with the <b>tiny</b> random bundle: it exercises every step, but its '
                      "concepts, images and scores carry no meaning. Assemble a real bundle with "
                      "<code>ice-bundle assemble</code>.</p>")
+    truth_figure, truth_table = _truth_section(record["ground_truth"], size) if record.get("ground_truth") else ("", "")
+    pixelated = loc["width"] < 160  # small pictures are scaled up: keep their pixels sharp
     parts.append('<div class="row">'
-                 f'<figure>{_img(files["image"], "source image", size)}<figcaption>source image '
+                 f'<figure>{_img(files["image"], "source image", size, pixelated)}<figcaption>source image '
                  f'({loc["width"]}×{loc["height"]})</figcaption></figure>'
-                 f'<figure>{_img(files["overlay"], "concept masks", size)}<figcaption>masks and nouns: '
+                 f'<figure>{_img(files["overlay"], "concept masks", size, pixelated)}<figcaption>masks and nouns: '
                  + ", ".join(f'{_e(c["concept_id"])} = {_e(c["noun"])}' for c in loc["concepts"])
-                 + "</figcaption></figure></div>")
+                 + "</figcaption></figure>" + truth_figure + "</div>" + truth_table)
     parts.append(f"<p>Localization: {loc['rounds']} round(s), stopped by {_e(loc['stop_reason'])}, "
                  f"{100 * loc['remaining_fraction']:.1f}% of the image left uncovered.</p>")
     parts.append("<h2>Metrics</h2>" + _metrics_table(metrics)
@@ -345,6 +357,51 @@ def write_index(out_dir: Path, items: Sequence[dict[str, Any]], title: str = "IC
     path = out_dir / "index.html"
     atomic_write(path, _page(title, body))
     return path
+
+
+def attach_ground_truth(out_dir: Path, objects: Sequence[tuple[str, np.ndarray]], source: str = "") -> Path:
+    """Add the ground truth (name and bool mask per true object) to a written extraction: `truth/overlay.png`,
+    one mask per object, each object's best-overlapping concept and its IoU, shown beside the result in
+    `report.html` (re-rendered). For scenes whose truth is known, e.g. ToyWorld's."""
+    out_dir = Path(out_dir)
+    record = json.loads((out_dir / "extraction.json").read_text())
+    metrics = json.loads((out_dir / "metrics.json").read_text())
+    source_image = Image.open(out_dir / record["files"]["image"]).convert("RGB")
+    predicted = {cid: np.asarray(Image.open(out_dir / path)) > 127 for cid, path in record["files"]["masks"].items()}
+    nouns = {c["concept_id"]: c["noun"] for c in record["localization"]["concepts"]}
+    truth = []
+    for k, (name, mask) in enumerate(objects):
+        mask = np.asarray(mask, dtype=bool)
+        path = f"truth/t{k}.png"
+        _save_png(Image.fromarray(mask.astype(np.uint8) * 255), out_dir / path)
+        best, best_iou = None, 0.0
+        for cid, pm in predicted.items():
+            union = int((pm | mask).sum())
+            iou = int((pm & mask).sum()) / union if union else 0.0
+            if iou > best_iou:
+                best, best_iou = cid, iou
+        truth.append({"name": name, "mask": path, "concept_id": best, "noun": nouns.get(best), "iou": best_iou})
+    _save_png(overlay(source_image, [np.asarray(m, dtype=bool) for _, m in objects], [n for n, _ in objects],
+                      scale=label_scale(source_image)), out_dir / "truth" / "overlay.png")
+    record["ground_truth"] = {"source": source, "overlay": "truth/overlay.png", "objects": truth}
+    atomic_write(out_dir / "extraction.json", json.dumps(record, indent=2))
+    atomic_write(out_dir / "report.html", render_report(record, metrics))
+    return out_dir / "report.html"
+
+
+def _truth_section(truth: dict[str, Any], size: int) -> tuple[str, str]:
+    """(a figure for the top row, a table of each true object against its best concept)."""
+    figure = (f'<figure>{_img(truth["overlay"], "ground truth", size, pixelated=True)}<figcaption>ground truth'
+              + (f" ({_e(truth['source'])})" if truth.get("source") else "") + "</figcaption></figure>")
+    rows = ["<tr><th>true object</th><th>mask</th><th>best concept</th><th>noun found</th><th>IoU</th></tr>"]
+    for t in truth["objects"]:
+        found = t.get("noun") or "–"
+        hit = bool(t.get("noun")) and t["noun"] == t["name"].split()[-1]
+        cls = "" if hit else ' class="bad"'
+        rows.append(f"<tr><td>{_e(t['name'])}</td><td>{_img(t['mask'], 'mask of ' + t['name'], 48, True)}</td>"
+                    f"<td>{_e(t.get('concept_id') or '–')}</td>"
+                    f"<td{cls}>{_e(found)}</td><td>{_fmt(float(t['iou']))}</td></tr>")
+    return figure, "<h2>Against the ground truth</h2><table>" + "".join(rows) + "</table>"
 
 
 def load_extraction(folder: Path) -> Extraction:
