@@ -25,9 +25,16 @@ SERVICE = "ice.localizer.v1.LocalizerService"
 
 
 class FakeLocalizer(localizer_pb2_grpc.LocalizerServiceServicer):
+    """"slow" calls hold until `release` is set; `entered` counts the calls that reached the servicer."""
+
     def __init__(self):
         self.release = threading.Event()
-        self.entered = threading.Event()
+        self._entered = 0
+        self._cond = threading.Condition()
+
+    def wait_entered(self, n: int, timeout: float = 60) -> bool:
+        with self._cond:
+            return self._cond.wait_for(lambda: self._entered >= n, timeout)
 
     def Localize(self, request, context):
         kind = request.image.decode(errors="replace")
@@ -38,8 +45,10 @@ class FakeLocalizer(localizer_pb2_grpc.LocalizerServiceServicer):
         if kind == "crash":
             raise RuntimeError("secret internal detail")
         if kind == "slow":
-            self.entered.set()
-            self.release.wait(10)
+            with self._cond:
+                self._entered += 1
+                self._cond.notify_all()
+            self.release.wait(60)
         return localizer_pb2.LocalizeResponse(width=7, height=9)
 
 
@@ -52,26 +61,29 @@ def _start(load=lambda: None, ready_check=None, **overrides):
         load=load,
         ready_check=ready_check,
     )
-    settings = from_sources(env={}, **{"host": "127.0.0.1", "port": _free_port(), "metrics_port": 0, **overrides})
+    # port -1: any free port, read back from the running server (no race for a port picked beforehand)
+    settings = from_sources(env={}, **{"host": "127.0.0.1", "port": -1, "metrics_port": 0, **overrides})
     return start_server(spec, settings), fake
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _health(channel, service: str) -> int:
-    return health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service=service), timeout=5).status
+    return health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service=service), timeout=30).status
+
+
+def _until(predicate, timeout: float = 60) -> bool:
+    """Poll a condition (no fixed sleep decides the outcome; the timeout only bounds a failure)."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.02)
+    return True
 
 
 @pytest.fixture
 def server():
     running, fake = _start()
-    assert running.wait_ready(10)
+    assert running.wait_ready(60)
     channel = grpc.insecure_channel(f"127.0.0.1:{running.port}")
     yield running, fake, channel
     channel.close()
@@ -90,10 +102,10 @@ def test_health_not_serving_until_loaded_then_serving():
             assert _health(ch, SERVICE) == not_serving
             # calls before readiness are refused as retryable
             with pytest.raises(grpc.RpcError) as err:
-                localizer_pb2_grpc.LocalizerServiceStub(ch).Localize(localizer_pb2.LocalizeRequest(image=b"x"), timeout=5)
+                localizer_pb2_grpc.LocalizerServiceStub(ch).Localize(localizer_pb2.LocalizeRequest(image=b"x"), timeout=30)
             assert err.value.code() == grpc.StatusCode.UNAVAILABLE
             loaded.set()
-            assert running.wait_ready(10)
+            assert running.wait_ready(60)
             assert _health(ch, "readiness") == serving
             assert _health(ch, SERVICE) == serving
     finally:
@@ -106,19 +118,14 @@ def test_ready_check_drives_readiness_after_load():
     running, _ = _start(ready_check=healthy.is_set)
     serving, not_serving = health_pb2.HealthCheckResponse.SERVING, health_pb2.HealthCheckResponse.NOT_SERVING
     try:
-        assert running.wait_ready(10)
+        assert running.wait_ready(60)
         with grpc.insecure_channel(f"127.0.0.1:{running.port}") as ch:
             assert _health(ch, "readiness") == serving
             healthy.clear()  # e.g. the learner's job store became unwritable
-            deadline = time.monotonic() + 5
-            while _health(ch, "readiness") != not_serving and time.monotonic() < deadline:
-                time.sleep(0.1)
-            assert _health(ch, "readiness") == not_serving and _health(ch, "liveness") == serving
+            assert _until(lambda: _health(ch, "readiness") == not_serving)
+            assert _health(ch, "liveness") == serving
             healthy.set()
-            deadline = time.monotonic() + 5
-            while _health(ch, "readiness") != serving and time.monotonic() < deadline:
-                time.sleep(0.1)
-            assert _health(ch, "readiness") == serving
+            assert _until(lambda: _health(ch, "readiness") == serving)
     finally:
         running.stop(grace=0)
 
@@ -129,7 +136,7 @@ def test_failed_load_turns_liveness_off():
 
     running, _ = _start(load=broken)
     try:
-        assert not running.wait_ready(10)
+        assert not running.wait_ready(60)
         assert running.failed.is_set()
         with grpc.insecure_channel(f"127.0.0.1:{running.port}") as ch:
             assert _health(ch, "liveness") == health_pb2.HealthCheckResponse.NOT_SERVING
@@ -140,7 +147,7 @@ def test_failed_load_turns_liveness_off():
 def test_reflection_lists_the_service(server):
     running, _, channel = server
     stub = reflection_pb2_grpc.ServerReflectionStub(channel)
-    responses = stub.ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(list_services="")]), timeout=5)
+    responses = stub.ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(list_services="")]), timeout=30)
     names = {s.name for r in responses for s in r.list_services_response.service}
     assert SERVICE in names and "grpc.health.v1.Health" in names
 
@@ -149,7 +156,7 @@ def test_domain_errors_map_to_codes_with_field_violations(server):
     _, _, channel = server
     stub = localizer_pb2_grpc.LocalizerServiceStub(channel)
     with pytest.raises(grpc.RpcError) as err:
-        stub.Localize(localizer_pb2.LocalizeRequest(image=b"bad"), timeout=5)
+        stub.Localize(localizer_pb2.LocalizeRequest(image=b"bad"), timeout=30)
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     status = rpc_status.from_call(err.value)
     bad_request = error_details_pb2.BadRequest()
@@ -157,34 +164,47 @@ def test_domain_errors_map_to_codes_with_field_violations(server):
     assert bad_request.field_violations[0].field == "image"
 
     with pytest.raises(grpc.RpcError) as err:
-        stub.Localize(localizer_pb2.LocalizeRequest(image=b"big"), timeout=5)
+        stub.Localize(localizer_pb2.LocalizeRequest(image=b"big"), timeout=30)
     assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
 
     with pytest.raises(grpc.RpcError) as err:
-        stub.Localize(localizer_pb2.LocalizeRequest(image=b"crash"), timeout=5)
+        stub.Localize(localizer_pb2.LocalizeRequest(image=b"crash"), timeout=30)
     assert err.value.code() == grpc.StatusCode.INTERNAL
     assert "secret internal detail" not in err.value.details()
     # and the service keeps serving
-    assert stub.Localize(localizer_pb2.LocalizeRequest(image=b"ok"), timeout=5).width == 7
+    assert stub.Localize(localizer_pb2.LocalizeRequest(image=b"ok"), timeout=30).width == 7
 
 
 def test_unimplemented_method_is_unimplemented(server):
     _, _, channel = server
     with pytest.raises(grpc.RpcError) as err:
-        localizer_pb2_grpc.LocalizerServiceStub(channel).GetServerInfo(localizer_pb2.GetServerInfoRequest(), timeout=5)
+        localizer_pb2_grpc.LocalizerServiceStub(channel).GetServerInfo(localizer_pb2.GetServerInfoRequest(), timeout=30)
     assert err.value.code() == grpc.StatusCode.UNIMPLEMENTED
 
 
-def test_metrics_in_prometheus_text_format():
-    running, _ = _start(metrics_port=_free_port())
+def test_port_minus_one_binds_a_free_port_and_reports_it():
+    running, _ = _start(metrics_port=-1)
     try:
-        assert running.wait_ready(10)
+        assert running.wait_ready(60)
+        assert running.port > 0 and running.metrics_port > 0 and running.port != running.metrics_port
+        with grpc.insecure_channel(f"127.0.0.1:{running.port}") as ch:
+            assert _health(ch, "readiness") == health_pb2.HealthCheckResponse.SERVING
+        body = urllib.request.urlopen(f"http://127.0.0.1:{running.metrics_port}/metrics", timeout=30).read()
+        assert b"ice_ready" in body
+    finally:
+        running.stop(grace=0)
+
+
+def test_metrics_in_prometheus_text_format():
+    running, _ = _start(metrics_port=-1)
+    try:
+        assert running.wait_ready(60)
         with grpc.insecure_channel(f"127.0.0.1:{running.port}") as ch:
             stub = localizer_pb2_grpc.LocalizerServiceStub(ch)
-            stub.Localize(localizer_pb2.LocalizeRequest(image=b"ok"), timeout=5)
+            stub.Localize(localizer_pb2.LocalizeRequest(image=b"ok"), timeout=30)
             with pytest.raises(grpc.RpcError):
-                stub.Localize(localizer_pb2.LocalizeRequest(image=b"bad"), timeout=5)
-        body = urllib.request.urlopen(f"http://127.0.0.1:{running.metrics_port}/metrics", timeout=5).read().decode()
+                stub.Localize(localizer_pb2.LocalizeRequest(image=b"bad"), timeout=30)
+        body = urllib.request.urlopen(f"http://127.0.0.1:{running.metrics_port}/metrics", timeout=30).read().decode()
     finally:
         running.stop(grace=0)
     labels = 'grpc_method="Localize",grpc_service="ice.localizer.v1.LocalizerService",grpc_type="unary"'
@@ -199,15 +219,15 @@ def test_metrics_in_prometheus_text_format():
 def test_token_required_and_health_exempt():
     running, _ = _start(auth_token="s3cret-token")
     try:
-        assert running.wait_ready(10)
+        assert running.wait_ready(60)
         with grpc.insecure_channel(f"127.0.0.1:{running.port}") as ch:
             stub = localizer_pb2_grpc.LocalizerServiceStub(ch)
             req = localizer_pb2.LocalizeRequest(image=b"ok")
             for metadata in (None, [("authorization", "Bearer wrong")], [("authorization", "Basic s3cret-token")]):
                 with pytest.raises(grpc.RpcError) as err:
-                    stub.Localize(req, timeout=5, metadata=metadata)
+                    stub.Localize(req, timeout=30, metadata=metadata)
                 assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED
-            assert stub.Localize(req, timeout=5, metadata=[("authorization", "Bearer s3cret-token")]).width == 7
+            assert stub.Localize(req, timeout=30, metadata=[("authorization", "Bearer s3cret-token")]).width == 7
             assert _health(ch, "readiness") == health_pb2.HealthCheckResponse.SERVING
     finally:
         running.stop(grace=0)
@@ -267,14 +287,14 @@ def test_tls_and_mutual_tls(tmp_path):
     # TLS: a client trusting the CA succeeds
     running, _ = _start(tls_cert=tmp_path / "server.pem", tls_key=tmp_path / "server.key")
     try:
-        assert running.wait_ready(10)
+        assert running.wait_ready(60)
         creds = grpc.ssl_channel_credentials(root_certificates=ca_pem)
         with grpc.secure_channel(f"localhost:{running.port}", creds) as ch:
             stub = localizer_pb2_grpc.LocalizerServiceStub(ch)
             assert stub.Localize(localizer_pb2.LocalizeRequest(image=b"ok"), timeout=10).width == 7
         with grpc.insecure_channel(f"localhost:{running.port}") as ch:  # plaintext to a TLS port fails
             with pytest.raises(grpc.RpcError):
-                localizer_pb2_grpc.LocalizerServiceStub(ch).Localize(localizer_pb2.LocalizeRequest(image=b"ok"), timeout=3)
+                localizer_pb2_grpc.LocalizerServiceStub(ch).Localize(localizer_pb2.LocalizeRequest(image=b"ok"), timeout=30)
     finally:
         running.stop(grace=0)
 
@@ -283,7 +303,7 @@ def test_tls_and_mutual_tls(tmp_path):
         tls_cert=tmp_path / "server.pem", tls_key=tmp_path / "server.key", tls_client_ca=tmp_path / "good-ca.pem"
     )
     try:
-        assert running.wait_ready(10)
+        assert running.wait_ready(60)
         req = localizer_pb2.LocalizeRequest(image=b"ok")
         good = grpc.ssl_channel_credentials(ca_pem, private_key=client_key, certificate_chain=client_cert)
         with grpc.secure_channel(f"localhost:{running.port}", good) as ch:
@@ -294,56 +314,84 @@ def test_tls_and_mutual_tls(tmp_path):
         ):
             with grpc.secure_channel(f"localhost:{running.port}", creds) as ch:
                 with pytest.raises(grpc.RpcError) as err:
-                    localizer_pb2_grpc.LocalizerServiceStub(ch).Localize(req, timeout=5)
+                    localizer_pb2_grpc.LocalizerServiceStub(ch).Localize(req, timeout=30)
                 assert err.value.code() == grpc.StatusCode.UNAVAILABLE
     finally:
         running.stop(grace=0)
 
 
-def test_plaintext_health_port_beside_tls(tmp_path):
+def test_plaintext_health_port_beside_tls_serves_health_and_nothing_else(tmp_path):
     ca_pem, leaf = _make_ca(tmp_path, "hp")
     key, cert = leaf("localhost", server=True)
     (tmp_path / "k").write_bytes(key)
     (tmp_path / "c").write_bytes(cert)
-    running, _ = _start(tls_cert=tmp_path / "c", tls_key=tmp_path / "k", health_port=_free_port())
+    running, _ = _start(tls_cert=tmp_path / "c", tls_key=tmp_path / "k", health_port=-1, auth_token="s3cret")
     try:
-        assert running.wait_ready(10)
+        assert running.wait_ready(60)
+        assert running.health_port not in (None, 0, running.port)
         with grpc.insecure_channel(f"127.0.0.1:{running.health_port}") as ch:
-            assert _health(ch, "readiness") == health_pb2.HealthCheckResponse.SERVING
+            for name in ("readiness", "liveness", SERVICE):  # every health name, plaintext, no token
+                assert _health(ch, name) == health_pb2.HealthCheckResponse.SERVING
+            # the service itself, and reflection, are not there (with or without the token)
+            for metadata in (None, [("authorization", "Bearer s3cret")]):
+                with pytest.raises(grpc.RpcError) as err:
+                    localizer_pb2_grpc.LocalizerServiceStub(ch).Localize(
+                        localizer_pb2.LocalizeRequest(image=b"ok"), timeout=30, metadata=metadata)
+                assert err.value.code() == grpc.StatusCode.UNIMPLEMENTED
+            with pytest.raises(grpc.RpcError) as err:
+                list(reflection_pb2_grpc.ServerReflectionStub(ch).ServerReflectionInfo(
+                    iter([reflection_pb2.ServerReflectionRequest(list_services="")]), timeout=30))
+            assert err.value.code() == grpc.StatusCode.UNIMPLEMENTED
+        # the main port is TLS only: the same plaintext health call there fails
+        with grpc.insecure_channel(f"127.0.0.1:{running.port}") as ch, pytest.raises(grpc.RpcError) as err:
+            _health(ch, "readiness")
+        assert err.value.code() == grpc.StatusCode.UNAVAILABLE
     finally:
         running.stop(grace=0)
+    # the health port follows the server: stopped with it
+    with grpc.insecure_channel(f"127.0.0.1:{running.health_port}") as ch, pytest.raises(grpc.RpcError):
+        health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(service="readiness"), timeout=2)
 
 
 def test_graceful_shutdown_finishes_in_flight_and_refuses_new(server):
     running, fake, channel = server
     stub = localizer_pb2_grpc.LocalizerServiceStub(channel)
-    future = stub.Localize.future(localizer_pb2.LocalizeRequest(image=b"slow"), timeout=15)
-    assert fake.entered.wait(5)
-    stopper = threading.Thread(target=running.stop, kwargs={"grace": 10})
+    future = stub.Localize.future(localizer_pb2.LocalizeRequest(image=b"slow"), timeout=120)
+    assert fake.wait_entered(1)
+    stopper = threading.Thread(target=running.stop, kwargs={"grace": 60})
     stopper.start()
-    time.sleep(0.3)
-    # new calls on a fresh connection are refused while draining
-    with grpc.insecure_channel(f"127.0.0.1:{running.port}") as fresh:
-        with pytest.raises(grpc.RpcError) as err:
-            localizer_pb2_grpc.LocalizerServiceStub(fresh).Localize(localizer_pb2.LocalizeRequest(image=b"ok"), timeout=3)
-        assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+
+    # new calls on a fresh connection are refused while draining (polled: the drain has begun once one is refused)
+    def refused() -> bool:
+        with grpc.insecure_channel(f"127.0.0.1:{running.port}") as fresh:
+            try:
+                localizer_pb2_grpc.LocalizerServiceStub(fresh).Localize(localizer_pb2.LocalizeRequest(image=b"ok"),
+                                                                        timeout=10)
+            except grpc.RpcError as err:
+                # a call that arrives exactly as the drain begins may be CANCELLED by it; once the drain has
+                # begun, every new call is UNAVAILABLE
+                assert err.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED), err
+                return err.code() == grpc.StatusCode.UNAVAILABLE
+            return False
+
+    assert _until(refused)
+    assert not future.done() and stopper.is_alive()  # the in-flight call is held by the gate: still draining
     fake.release.set()
     assert future.result().width == 7  # the in-flight call completed
-    stopper.join(15)
+    stopper.join(60)
     assert not stopper.is_alive()
 
 
 def test_concurrency_cap_answers_resource_exhausted():
     running, fake = _start(max_concurrent_rpcs=2)
     try:
-        assert running.wait_ready(10)
+        assert running.wait_ready(60)
         with grpc.insecure_channel(f"127.0.0.1:{running.port}") as ch:
             stub = localizer_pb2_grpc.LocalizerServiceStub(ch)
-            slow = [stub.Localize.future(localizer_pb2.LocalizeRequest(image=b"slow"), timeout=15) for _ in range(2)]
-            assert fake.entered.wait(5)
-            time.sleep(0.3)
+            slow = [stub.Localize.future(localizer_pb2.LocalizeRequest(image=b"slow"), timeout=120) for _ in range(2)]
+            assert fake.wait_entered(2)  # both slots are taken, held by the gate
             with pytest.raises(grpc.RpcError) as err:
-                stub.Localize(localizer_pb2.LocalizeRequest(image=b"ok"), timeout=5)
+                stub.Localize(localizer_pb2.LocalizeRequest(image=b"ok"), timeout=30)
             assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
             fake.release.set()
             assert all(f.result().width == 7 for f in slow)

@@ -243,7 +243,10 @@ def start_server(spec: ServiceSpec, settings: Settings, *, load_in_background: b
         server,
     )
 
-    address = f"{settings.host}:{settings.grpc_port(spec.name)}"
+    # a negative port is any free port the OS picks; the bound port is what `RunningServer.port` holds and what
+    # the "listening on" log line says (how tests and tools start a server without racing for a port)
+    any_port = settings.port < 0
+    address = f"{settings.host}:{0 if any_port else settings.grpc_port(spec.name)}"
     creds = _credentials(settings)
     port = server.add_secure_port(address, creds) if creds else server.add_insecure_port(address)
     if port == 0:
@@ -255,11 +258,15 @@ def start_server(spec: ServiceSpec, settings: Settings, *, load_in_background: b
         # Kubernetes' native gRPC probes cannot speak TLS: a plaintext port that serves only health.
         health_server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
         health_pb2_grpc.add_HealthServicer_to_server(health_servicer, health_server)
-        health_port = health_server.add_insecure_port(f"{settings.host}:{settings.health_port}")
+        health_address = f"{settings.host}:{max(settings.health_port, 0)}"
+        health_port = health_server.add_insecure_port(health_address)
+        if health_port == 0:
+            raise SystemExit(f"{spec.name}: cannot bind the health port {health_address}")
 
-    metrics_port = settings.resolved_metrics_port(spec.name, port)
+    # with any gRPC port, the default metrics port (gRPC port + 1000) is any free port too
+    metrics_port = 0 if any_port and settings.metrics_port < 0 else settings.resolved_metrics_port(spec.name, port)
     httpd = None
-    if metrics_port:
+    if metrics_port or (any_port and settings.metrics_port < 0):
         httpd, _thread = start_http_server(metrics_port, addr=settings.host)
         metrics_port = httpd.server_port
 
@@ -271,8 +278,8 @@ def start_server(spec: ServiceSpec, settings: Settings, *, load_in_background: b
     server.start()
     if health_server is not None:
         health_server.start()
-    log.info("%s: listening on %s (metrics :%s, tls %s, auth %s)", spec.name, port, metrics_port,
-             "mutual" if settings.tls_client_ca else ("on" if creds else "off"), "on" if token else "off")
+    log.info("%s: listening on %s (metrics :%s, health :%s, tls %s, auth %s)", spec.name, port, metrics_port,
+             health_port, "mutual" if settings.tls_client_ca else ("on" if creds else "off"), "on" if token else "off")
 
     def load() -> None:
         started = time.perf_counter()
