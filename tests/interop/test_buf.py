@@ -10,7 +10,8 @@ import shutil
 
 import pytest
 import yaml
-from buf_workspace import PROTOS, RELEASED_V1, buf, make_workspace, missing_tools
+
+from interop.buf_workspace import PROTOS, RELEASED_V1, buf, make_workspace, missing_tools
 
 
 @pytest.fixture(autouse=True)
