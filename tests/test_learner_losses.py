@@ -55,6 +55,24 @@ def test_sinkhorn_cost_matches_pot_sinkhorn2_and_its_potentials():
         np.testing.assert_allclose(nu_t.grad[b].numpy(), L.SINKHORN_EPSILON * log["log_v"], rtol=1e-9, atol=1e-12)
 
 
+def test_sinkhorn_floor_changes_nothing_torch_logsumexp_would_compute():
+    """Our log-sum-exp floors terms below exp(-700) relative to the largest (they would be subnormal, and slow):
+    the potentials equal torch.logsumexp's, including the -inf of zero-mass cells and fully -inf rows."""
+    mu, nu = _histograms(3, 16, 2)
+    mu[0, :40] = 0.0  # cells with no mass
+    mu /= mu.sum(1, keepdims=True)
+    cost = L.grid_cost(16, dtype=torch.float64)
+    args = (torch.tensor(mu), torch.tensor(nu), cost, L.SINKHORN_EPSILON, L.SINKHORN_ITERATIONS)
+    ours = L._log_sinkhorn(*args)
+    ref = L._log_sinkhorn(*args, logsumexp=torch.logsumexp)
+    for a, b in zip(ours[:2], ref[:2], strict=True):
+        assert torch.equal(torch.isneginf(a), torch.isneginf(b)) and torch.isneginf(a).any() == (a is ours[0])
+        finite = torch.isfinite(b)
+        assert torch.allclose(a[finite], b[finite], rtol=0, atol=1e-9)
+    x = torch.tensor([[-math.inf, -math.inf], [0.0, -2000.0]], dtype=torch.float64)
+    assert torch.equal(L._logsumexp(x, 1), torch.logsumexp(x, 1))
+
+
 def test_attention_loss_is_small_when_attention_sits_on_the_mask():
     side = 16
     mask = torch.zeros(1, 1, 64, 64)
