@@ -72,8 +72,8 @@ def broken_links(path: Path, text: str) -> list[str]:
 def test_every_link_and_doc_reference_resolves_inside_the_repository():
     problems = []
     for path in tracked_files():
-        if not path.is_file():
-            continue  # deleted in the work tree, not yet committed
+        if not path.is_file() or path == Path(__file__).resolve():
+            continue  # deleted in the work tree, not yet committed; or this file, whose examples are broken on purpose
         text = path.read_text(encoding="utf-8", errors="replace")
         problems += [f"{path.relative_to(REPO)}: {p}" for p in broken_links(path, text)]
     assert not problems, "\n".join(problems)

@@ -21,7 +21,7 @@ from toyworld.world import make_scene
 
 CALIBRATION_SEEDS = range(7_000_000, 7_000_024)  # training-split scenes, disjoint from every test seed
 TIMESTEPS = (50, 150, 300)
-PERCENTILES = (0.5, 1, 2, 4, 8, 15, 30)
+PERCENTILES = (1, 4, 10, 20, 30, 45, 60, 75)
 MIN_AREA_FRACTION = 0.01  # the smallest ToyWorld object covers ~2.5 % of the image: the published 2.5 % is too high
 
 

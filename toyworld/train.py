@@ -53,7 +53,7 @@ class Plan:
     clip_batch: int = 128
     dino_steps: int = 900
     dino_batch: int = 64
-    diffusion_steps: int = 5500
+    diffusion_steps: int = 5000
     diffusion_batch: int = 32
     latent_pool: int = 40_000
     checkpoint_every: int = 100
@@ -529,6 +529,9 @@ def main(argv: list[str] | None = None) -> int:
         else:
             record[stage] = trainers[stage](work, plan, dev)
         record.setdefault(stage, {})["stage_seconds"] = round(time.perf_counter() - t0, 1)
+        # stages may run in separate processes at once (e.g. the diffusion model beside CLIP and DINO): merge
+        current = json.loads(record_path.read_text()) if record_path.is_file() else {}
+        record = {**current, **{k: v for k, v in record.items() if k not in STAGES}, stage: record[stage]}
         record_path.write_text(json.dumps(record, indent=2) + "\n")
         say(f"{stage}: finished in {(time.perf_counter() - t0) / 60:.1f} min")
     if "bundle" in stages and (a.out / "bundle.json").is_file():
