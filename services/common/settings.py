@@ -193,6 +193,19 @@ class LearnerSettings(Settings):
     max_concepts: int = _setting(16, "Most concepts one learning job may ask for (RESOURCE_EXHAUSTED beyond).",
                                  ("learner",))
     class_image_steps: int = _setting(50, "Denoising steps of each prior-preservation class image.", ("learner",))
+    gradient_checkpointing: bool = _setting(
+        True, "Full-UNet refinement recomputes each UNet block's activations in the backward pass instead of keeping "
+              "them (less memory, a second forward pass per refinement step).", ("learner",))
+    adam_8bit: bool = _setting(
+        False, "Refine with bitsandbytes' 8-bit AdamW (2 bytes of optimizer state per UNet weight instead of 8; CUDA "
+               "only, needs `pip install bitsandbytes`).", ("learner",))
+    max_job_memory_bytes: int = _setting(
+        0, "Memory one job may need at its peak; a job estimated above it is refused (RESOURCE_EXHAUSTED) at creation. "
+           "0 = the device's: a CUDA device's memory less 1 GiB, on a CPU the host's (or container's) memory less "
+           "what the idle learner holds; -1 = accept every job.", ("learner",))
+    max_job_crashes: int = _setting(
+        3, "A job that was running each of this many times the learner process died (e.g. killed for memory) fails "
+           "instead of being resumed again.", ("learner",))
 
 
 @dataclass(frozen=True)

@@ -9,7 +9,11 @@
 - On start, jobs that were running when the process died are queued again ahead of the others and resume
   from their newest valid checkpoint (RNG states included), so they end exactly as an uninterrupted run. The
   reported step never goes backwards: it holds at the furthest step reached while the steps since that checkpoint
-  are recomputed.
+  are recomputed. A job that was running each of the last `max_crashes` times the process died (killed for
+  memory, say) fails with that reason instead of taking the learner down again and again; a clean stop (SIGTERM)
+  does not count.
+- After every job the trainer's models and tensors are dropped and freed memory is handed back (CUDA cache,
+  glibc free lists), so an idle learner returns to its idle footprint.
 
 Layout under the store directory: `jobs.sqlite`, `jobs/{id}/input/` (image, masks, spec.json),
 `jobs/{id}/checkpoints/`, `jobs/{id}/artifacts/`.
@@ -17,6 +21,7 @@ Layout under the store directory: `jobs.sqlite`, `jobs/{id}/input/` (image, mask
 
 from __future__ import annotations
 
+import gc
 import json
 import logging
 import os
@@ -43,6 +48,7 @@ from services.common.errors import (
 )
 from services.common.images import decode_mask, encode_mask
 from services.learner.artifacts import ArtifactFile, write_artifacts
+from services.learner.memory import release_host_memory
 from services.learner.trainer import (
     Concept,
     Interrupted,
@@ -63,15 +69,22 @@ UNREADY_AFTER_SECONDS = 30.0  # a store unwritable this long turns readiness off
 QUEUE_DEPTH = Gauge("ice_learner_queue_depth", "Learning jobs waiting to run.")
 ACTIVE_JOBS = Gauge("ice_learner_active_jobs", "Learning jobs queued or running on this replica: the work it holds "
                     "(the autoscaler's signal; 0 means the replica can be removed without cutting a job).")
+# up to a day: a published-schedule job at SD-2.1 size takes minutes on a GPU and most of a day on a CPU
 JOB_DURATION = Histogram("ice_learner_job_duration_seconds", "Wall time of a learning job from start to end.",
-                         ("outcome",), buckets=(10, 30, 60, 120, 300, 600, 1200, 1800, 3600, 7200, float("inf")))
+                         ("outcome",), buckets=(10, 30, 60, 120, 300, 600, 1200, 1800, 3600, 7200, 14400, 28800,
+                                                57600, 86400, float("inf")))
 TRAIN_STEPS = Counter("ice_learner_train_steps_total", "Training steps completed.", ("phase",))
 QUEUE_WAIT = Histogram("ice_learner_queue_wait_seconds", "Time a learning job waited in the queue.",
-                       buckets=(0.1, 1, 5, 15, 60, 300, 900, 1800, 3600, float("inf")))
+                       buckets=(0.1, 1, 5, 15, 60, 300, 900, 1800, 3600, 7200, 14400, 28800, 86400, float("inf")))
+JOB_MEMORY = Gauge("ice_learner_job_memory_estimate_bytes", "Estimated peak memory of the running learning job "
+                   "(0 when none runs).")
 
 _COLUMNS = ("id", "request_id", "request_digest", "state", "phase", "step", "total_steps", "losses",
             "create_time", "start_time", "update_time", "end_time", "error_code", "error_message",
-            "cancel_requested", "result", "seq")
+            "cancel_requested", "result", "seq", "crashes", "interrupted", "memory_estimate")
+# columns added after the first release, with what older rows read as
+_ADDED_COLUMNS = {"crashes": "INTEGER DEFAULT 0", "interrupted": "INTEGER DEFAULT 0",
+                  "memory_estimate": "INTEGER DEFAULT 0"}
 
 
 @dataclass
@@ -93,6 +106,9 @@ class JobRecord:
     cancel_requested: bool = False
     result: dict | None = None  # {"tokens": [...], "artifacts": [...]} once succeeded
     seq: int = 0
+    crashes: int = 0  # times the process died while running this job
+    interrupted: bool = False  # stopped cleanly (SIGTERM) while running: resumes without counting a crash
+    memory_estimate: int = 0  # bytes the job is estimated to need at its peak (0: not estimated)
 
     @property
     def done(self) -> bool:
@@ -112,12 +128,17 @@ class JobStore:
             "state TEXT, phase TEXT, step INTEGER, total_steps INTEGER, losses TEXT, create_time REAL, "
             "start_time REAL, update_time REAL, end_time REAL, error_code TEXT, error_message TEXT, "
             "cancel_requested INTEGER, result TEXT, seq INTEGER)")
+        present = {row[1] for row in self._db.execute("PRAGMA table_info(jobs)")}
+        for name, kind in _ADDED_COLUMNS.items():
+            if name not in present:
+                self._db.execute(f"ALTER TABLE jobs ADD COLUMN {name} {kind}")
         self._lock = threading.Lock()
 
     def put(self, r: JobRecord) -> None:
         row = (r.id, r.request_id, r.request_digest, r.state, r.phase, r.step, r.total_steps, json.dumps(r.losses),
                r.create_time, r.start_time, r.update_time, r.end_time, r.error_code, r.error_message,
-               int(r.cancel_requested), json.dumps(r.result) if r.result is not None else None, r.seq)
+               int(r.cancel_requested), json.dumps(r.result) if r.result is not None else None, r.seq,
+               r.crashes, int(r.interrupted), r.memory_estimate)
         with self._lock:
             self._db.execute(f"INSERT OR REPLACE INTO jobs ({','.join(_COLUMNS)}) VALUES "
                              f"({','.join('?' * len(_COLUMNS))})", row)
@@ -135,6 +156,8 @@ class JobStore:
             d["losses"] = json.loads(d["losses"] or "{}")
             d["result"] = json.loads(d["result"]) if d["result"] else None
             d["cancel_requested"] = bool(d["cancel_requested"])
+            d["interrupted"] = bool(d["interrupted"])
+            d["crashes"], d["memory_estimate"] = int(d["crashes"] or 0), int(d["memory_estimate"] or 0)
             out.append(JobRecord(**d))
         return out
 
@@ -173,8 +196,13 @@ def load_inputs(folder: Path) -> LearningSpec:
 class JobManager:
     def __init__(self, root: Path, bundle, *, device: str = "cpu", queue_size: int = 8,
                  class_images_dir: Path | None = None, class_image_steps: int = 50, resume_jobs: bool = True,
-                 advertise_address: str = ""):
+                 advertise_address: str = "", max_crashes: int = 3, gradient_checkpointing: bool = True,
+                 adam_8bit: bool = False, before_job: Callable[[], None] | None = None):
         self.root = Path(root)
+        self.max_crashes = max_crashes
+        self.gradient_checkpointing = gradient_checkpointing
+        self.adam_8bit = adam_8bit
+        self.before_job = before_job or (lambda: None)  # e.g. drop the generation pipeline of the last job
         self.bundle = bundle
         self.device = device
         self.queue_size = queue_size
@@ -192,11 +220,20 @@ class JobManager:
         self._jobs: dict[str, JobRecord] = {}
         for r in self.store.all():
             if r.state == RUNNING:
-                if resume_jobs:
-                    r = replace(r, state=QUEUED, update_time=time.time())
-                else:
-                    r = replace(r, state=FAILED, error_code="ABORTED", end_time=time.time(),
+                now = time.time()
+                crashes = r.crashes + (0 if r.interrupted else 1)
+                if not resume_jobs:
+                    r = replace(r, state=FAILED, error_code="ABORTED", end_time=now, update_time=now,
                                 error_message="interrupted by a server restart (resume_jobs is off)")
+                elif crashes >= max_crashes:
+                    r = replace(r, state=FAILED, crashes=crashes, interrupted=False, error_code="ABORTED",
+                                end_time=now, update_time=now, error_message=crash_loop_message(r, crashes))
+                    log.error("job %s: %s", r.id, r.error_message)
+                else:
+                    if crashes > r.crashes:
+                        log.warning("job %s was running when the learner stopped unexpectedly (%d of %d allowed "
+                                    "times); resuming it", r.id, crashes, max_crashes)
+                    r = replace(r, state=QUEUED, crashes=crashes, interrupted=False, update_time=now)
                 self.store.put(r)
             self._jobs[r.id] = r
         self._seq = max((r.seq for r in self._jobs.values()), default=0)
@@ -254,7 +291,8 @@ class JobManager:
 
     # -- commands -----------------------------------------------------------------------------------------------
 
-    def submit(self, spec: LearningSpec, request_id: str = "", request_digest: str = "") -> JobRecord:
+    def submit(self, spec: LearningSpec, request_id: str = "", request_digest: str = "",
+               memory_estimate: int = 0) -> JobRecord:
         with self._cond:
             if request_id:
                 for r in self._jobs.values():
@@ -271,7 +309,7 @@ class JobManager:
                 save_inputs(self.job_dir(job_id) / "input", spec)
                 now = time.time()
                 record = JobRecord(job_id, request_id, request_digest, QUEUED, spec.schedule.total_steps, now, now,
-                                   seq=self._seq + 1)
+                                   seq=self._seq + 1, memory_estimate=memory_estimate)
                 self._put(record)
             except OSError as exc:  # the inputs could not be saved: leave nothing half-made behind
                 shutil.rmtree(self.job_dir(job_id), ignore_errors=True)
@@ -344,6 +382,14 @@ class JobManager:
             self._cond.notify_all()
         if self._thread is not None:
             self._thread.join(timeout)
+        # a job stopped this way (or still finishing its step) is no crash: it resumes on the next start
+        with self._cond:
+            for r in list(self._jobs.values()):
+                if r.state == RUNNING and not r.interrupted:
+                    try:
+                        self._put(replace(r, interrupted=True))
+                    except ResourceExhausted:  # unwritable store: counted as a crash on the next start
+                        log.warning("job %s: could not record the clean stop", r.id)
 
     def close(self) -> None:
         self.stop()
@@ -423,16 +469,22 @@ class JobManager:
             if self._stopping.is_set():
                 raise Interrupted()
 
+        trainer = None
+        JOB_MEMORY.set(record.memory_estimate)
         try:
+            self.before_job()
             spec = load_inputs(self.job_dir(job_id) / "input")
             trainer = Trainer(self.bundle, spec, self.job_dir(job_id), device=self.device,
                               class_images_dir=self.class_images_dir, class_image_steps=self.class_image_steps,
-                              on_step=on_step, on_phase=on_phase)
+                              on_step=on_step, on_phase=on_phase, gradient_checkpointing=self.gradient_checkpointing,
+                              adam_8bit=self.adam_8bit)
             if self.get(job_id).cancel_requested:
                 raise Cancelled("cancelled by the caller")
             result = trainer.run(resume=True)
+            trainer.release()  # the models go before the artifacts are written (a full delta is one UNet)
             files = write_artifacts(self.job_dir(job_id) / "artifacts", result, spec, self.bundle.digest)
             payload = {"tokens": [t.to_json() for t in result.tokens], "artifacts": [asdict(f) for f in files]}
+            del result
             shutil.rmtree(self.job_dir(job_id) / "checkpoints", ignore_errors=True)
             self._finish(job_id, SUCCEEDED, started, result=payload)
         except Interrupted:
@@ -446,10 +498,26 @@ class JobManager:
         except IceError as exc:
             log.warning("job %s failed: %s", job_id, exc.message)
             self._finish(job_id, FAILED, started, error_code=exc.code, error_message=exc.message)
-        except Exception:
-            log.exception("job %s failed", job_id)
-            self._finish(job_id, FAILED, started, error_code="INTERNAL",
-                         error_message="training failed with an internal error; see the server log")
+        except Exception as exc:
+            if is_out_of_memory(exc):
+                current = self.get(job_id)
+                message = (f"ran out of memory on {self.device} at step {current.step} of {current.total_steps} "
+                           f"({current.phase or 'preparing'})")
+                if record.memory_estimate:
+                    message += f"; the job was estimated to need {record.memory_estimate / (1 << 30):.1f} GiB"
+                log.error("job %s: %s", job_id, message)
+                self._finish(job_id, FAILED, started, error_code="RESOURCE_EXHAUSTED", error_message=message)
+            else:
+                log.exception("job %s failed", job_id)
+                self._finish(job_id, FAILED, started, error_code="INTERNAL",
+                             error_message="training failed with an internal error; see the server log")
+        finally:
+            if trainer is not None:
+                trainer.release()
+            del trainer
+            gc.collect()
+            release_host_memory()
+            JOB_MEMORY.set(0)
 
     def _finish(self, job_id: str, state: str, started: float, **changes) -> None:
         """Record a job's end; retried until the store takes it, so an outcome is never dropped."""
@@ -463,6 +531,23 @@ class JobManager:
                     raise
                 log.error("job %s: cannot record its end (%s); retrying in %.0fs", job_id, exc.message, RETRY_SECONDS)
                 self._stopping.wait(RETRY_SECONDS)
+
+
+def crash_loop_message(record: JobRecord, crashes: int) -> str:
+    where = f"step {record.step} of {record.total_steps}" + (f", {record.phase}" if record.phase else "")
+    text = (f"the learner process stopped unexpectedly {crashes} times while running this job (last at {where}); "
+            "it is not run again. A process killed while training has most often run out of memory")
+    if record.memory_estimate:
+        text += f" (this job was estimated to need {record.memory_estimate / (1 << 30):.1f} GiB)"
+    return text + ": see the learner's log and its memory limit, or ask for less (LoRA refinement, fewer concepts)"
+
+
+def is_out_of_memory(exc: BaseException) -> bool:
+    """A CUDA out-of-memory error, or a CPU allocation that failed."""
+    import torch
+
+    return isinstance(exc, torch.OutOfMemoryError) or (
+        isinstance(exc, RuntimeError) and "can't allocate memory" in str(exc))
 
 
 def artifact_files(record: JobRecord) -> list[ArtifactFile]:

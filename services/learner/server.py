@@ -1,16 +1,20 @@
 """The learner's gRPC servicers: `ice.learner.v1.LearnerService` and `google.longrunning.Operations`.
 
-Decode and validate requests, hand jobs to `JobManager`, encode records as operations. No training math here.
+Decode and validate requests, estimate each job's memory (`memory.MemoryEstimator`) and refuse one that cannot
+fit, hand jobs to `JobManager`, encode records as operations. No training math here.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import logging
 import re
 import secrets
 import threading
 import uuid
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields, replace
+from pathlib import Path
 
 import grpc
 from google.longrunning import operations_pb2, operations_pb2_grpc
@@ -43,6 +47,7 @@ from services.common.tracing import tracer
 from services.learner import generate as G
 from services.learner.artifacts import ArtifactFile, read_manifest
 from services.learner.jobs import CANCELLED, FAILED, QUEUED, SUCCEEDED, JobManager, JobRecord, artifact_files
+from services.learner.memory import MemoryEstimate, MemoryEstimator, gib, memory_for_jobs
 from services.learner.tokens import DEFAULT_ANCHORS
 from services.learner.trainer import (
     FINISHING,
@@ -54,6 +59,8 @@ from services.learner.trainer import (
     LearningSpec,
     Schedule,
 )
+
+log = logging.getLogger("ice.learner")
 
 SERVICE = "ice.learner.v1.LearnerService"
 TRACER = tracer("learner")
@@ -216,6 +223,8 @@ def job_metadata(manager: JobManager, r: JobRecord) -> learner_pb2.LearningJobMe
     eta = manager.eta_seconds(r)
     if eta is not None:
         md.eta_seconds = eta
+    if r.memory_estimate:
+        md.memory_estimate_bytes = r.memory_estimate
     return md
 
 
@@ -234,6 +243,43 @@ def job_error(r: JobRecord) -> status_pb2.Status:
                              message=r.error_message)
 
 
+class GenerationPipeline:
+    """The generation pipeline of the last job that `Generate` served (its artifacts applied), kept for the next
+    call about the same job and dropped when another job starts training (`release`), so that the two never
+    hold memory together. A release during a `Generate` call takes effect when the call ends."""
+
+    def __init__(self):
+        self.lock = threading.Lock()
+        self._pipe: tuple[str, object] | None = None
+        self._release_pending = False
+
+    @contextlib.contextmanager
+    def held(self):
+        """One Generate call at a time; a release that came during the call takes effect at its end."""
+        with self.lock:
+            try:
+                yield
+            finally:
+                if self._release_pending:
+                    self._pipe, self._release_pending = None, False
+
+    def get(self, job_id: str, load):
+        """Inside `held()`: the pipeline of `job_id`, loaded by `load()` unless it is the one held."""
+        if self._pipe is None or self._pipe[0] != job_id:
+            self._pipe = None  # the previous job's pipeline goes before the next one loads
+            self._pipe = (job_id, load())
+        return self._pipe[1]
+
+    def release(self) -> None:
+        if self.lock.acquire(blocking=False):
+            try:
+                self._pipe = None
+            finally:
+                self.lock.release()
+        else:
+            self._release_pending = True
+
+
 @dataclass
 class LearnerState:
     settings: LearnerSettings
@@ -241,6 +287,26 @@ class LearnerState:
     manager: JobManager | None = None
     device: str = "cpu"
     precision: str = "fp32"
+    estimator: MemoryEstimator | None = None
+    memory_limit: int = -1  # bytes a job may need; -1 = no limit
+    memory_limit_source: str = ""
+    generation: GenerationPipeline = field(default_factory=GenerationPipeline)
+
+    def check_memory(self, spec: LearningSpec) -> MemoryEstimate | None:
+        """The job's memory estimate; RESOURCE_EXHAUSTED with the figures when it exceeds the limit."""
+        if self.estimator is None:
+            return None
+        estimate = self.estimator.estimate_spec(spec)
+        if 0 <= self.memory_limit < estimate.total:
+            message = (f"this job needs about {estimate.describe()} at its peak; a job may use at most "
+                       f"{gib(self.memory_limit)} on this learner ({self.memory_limit_source})")
+            field_name = None
+            if spec.refinement == "full" and spec.schedule.refinement_steps > 0:
+                lora = self.estimator.estimate_spec(replace(spec, refinement="lora"))
+                message += f"; with REFINEMENT_DELTA_LORA it would need about {gib(lora.total)}"
+                field_name = "refinement_delta"
+            raise ResourceExhausted(message, field=field_name)
+        return estimate
 
     def operation(self, r: JobRecord) -> operations_pb2.Operation:
         op = operations_pb2.Operation(name=f"operations/{r.id}", done=r.done)
@@ -264,13 +330,15 @@ class LearnerState:
 class LearnerServicer(learner_pb2_grpc.LearnerServiceServicer):
     def __init__(self, state: LearnerState):
         self.state = state
-        self._pipe_lock = threading.Lock()
-        self._pipe: tuple[str, object] | None = None  # the last job's generation pipeline
 
     def CreateLearningJob(self, request, context):
         s = self.state
         spec = parse_request(request, s.bundle, s.settings)
-        record = s.manager.submit(spec, request.request_id, request_digest(request))
+        estimate = s.check_memory(spec)
+        record = s.manager.submit(spec, request.request_id, request_digest(request),
+                                  memory_estimate=estimate.total if estimate else 0)
+        if estimate is not None and record.memory_estimate == estimate.total:
+            log.info("job %s: estimated peak memory %s", record.id, estimate.describe())
         return s.operation(record)
 
     def WatchLearningJob(self, request, context):
@@ -311,10 +379,9 @@ class LearnerServicer(learner_pb2_grpc.LearnerServiceServicer):
                         break
 
     def _pipeline(self, job_id: str):
-        if self._pipe is None or self._pipe[0] != job_id:
-            folder = self.state.manager.job_dir(job_id) / "artifacts"
-            self._pipe = (job_id, G.load_pipeline(self.state.bundle, folder, self.state.device))
-        return self._pipe[1]
+        folder = self.state.manager.job_dir(job_id) / "artifacts"
+        return self.state.generation.get(job_id, lambda: G.load_pipeline(self.state.bundle, folder,
+                                                                          self.state.device))
 
     def Generate(self, request, context):
         s = self.state
@@ -342,7 +409,7 @@ class LearnerServicer(learner_pb2_grpc.LearnerServiceServicer):
         for cid in concept_ids:
             if cid not in token_ids:
                 raise InvalidArgument(f"job {r.id} has no concept {cid!r}", field="concept_ids")
-        with self._pipe_lock:
+        with s.generation.held():
             pipe = self._pipeline(r.id)
             for i, p in enumerate(request.prompts):
                 if _token_count(pipe.tokenizer, p) > pipe.tokenizer.model_max_length:
@@ -417,6 +484,13 @@ class OperationsServicer(operations_pb2_grpc.OperationsServicer):
         return self.state.operation(self.state.manager.wait(job_id, timeout))
 
 
+def _warm_estimator(estimator: MemoryEstimator) -> None:
+    try:
+        estimator.warm()
+    except Exception:  # noqa: BLE001 - CreateLearningJob traces again, and reports a failure there
+        log.warning("tracing the default job's memory failed", exc_info=True)
+
+
 def build_spec(settings: LearnerSettings) -> ServiceSpec:
     state = LearnerState(settings)
 
@@ -425,7 +499,16 @@ def build_spec(settings: LearnerSettings) -> ServiceSpec:
         operations_pb2_grpc.add_OperationsServicer_to_server(OperationsServicer(state), server)
 
     def load() -> None:
+        if settings.max_job_crashes < 1:
+            raise SystemExit("--max-job-crashes must be at least 1")
         state.device = resolve_device(settings.device)
+        if settings.adam_8bit:
+            if not state.device.startswith("cuda"):
+                raise SystemExit(f"--adam-8bit needs a CUDA device (the learner runs on {state.device})")
+            try:
+                import bitsandbytes  # noqa: F401
+            except ImportError:
+                raise SystemExit("--adam-8bit needs bitsandbytes: pip install bitsandbytes") from None
         state.precision = precision_name(compute_dtype(state.device))
         state.bundle = Bundle.open(settings.bundle, verify_hashes=settings.verify_bundle_hashes)
         # a bundle whose recommended options do not parse fails here, at start-up, not in a request
@@ -438,7 +521,21 @@ def build_spec(settings: LearnerSettings) -> ServiceSpec:
         state.manager = manager(settings.job_store, state.bundle, device=state.device,
                                 queue_size=settings.queue_size, class_images_dir=settings.class_images_dir,
                                 class_image_steps=settings.class_image_steps, resume_jobs=settings.resume_jobs,
-                                advertise_address=settings.advertise_address)
+                                advertise_address=settings.advertise_address, max_crashes=settings.max_job_crashes,
+                                gradient_checkpointing=settings.gradient_checkpointing,
+                                adam_8bit=settings.adam_8bit, before_job=state.generation.release)
+        state.estimator = MemoryEstimator(state.bundle, state.device,
+                                          gradient_checkpointing=settings.gradient_checkpointing,
+                                          adam_8bit=settings.adam_8bit,
+                                          cache_file=Path(settings.job_store) / "memory-traces.json")
+        if settings.max_job_memory_bytes > 0:
+            state.memory_limit, state.memory_limit_source = settings.max_job_memory_bytes, "--max-job-memory-bytes"
+        elif settings.max_job_memory_bytes == 0:
+            state.memory_limit, state.memory_limit_source = memory_for_jobs(state.device)
+        log.info("learner: a job may use %s (%s)", gib(state.memory_limit) if state.memory_limit >= 0 else "any memory",
+                 state.memory_limit_source or "--max-job-memory-bytes -1")
+        # trace the default job's memory now, so the first CreateLearningJob does not wait for it
+        threading.Thread(target=_warm_estimator, args=(state.estimator,), name="memory-trace", daemon=True).start()
         state.manager.start()
 
     def on_shutdown() -> None:

@@ -16,6 +16,7 @@ RNG state the next step depends on, so a resumed job computes exactly what an un
 
 from __future__ import annotations
 
+import gc
 import hashlib
 import json
 import logging
@@ -68,6 +69,7 @@ TEMPLATES = (
 )
 ADAM = dict(betas=(0.9, 0.999), weight_decay=1e-2, eps=1e-8)
 MAX_GRAD_NORM = 1.0
+CLASS_IMAGE_BATCH = 4  # class images generated per pipeline call
 
 
 @dataclass(frozen=True)
@@ -181,11 +183,14 @@ def class_images_key(bundle_digest: str, prompt: str, count: int, steps: int) ->
 
 
 def ensure_class_images(bundle, prompt: str, count: int, cache_dir: Path, device: str, steps: int = 50,
-                        batch_size: int = 4) -> list[Path]:
+                        batch_size: int = CLASS_IMAGE_BATCH, pipeline: Callable[[], object] | None = None,
+                        autocast=None) -> list[Path]:
     """The `count` class images of `prompt`, generated once per (bundle, prompt, count, steps) and cached.
 
     Image n is generated with seed n, so the cache is reproducible; the folder is written under a temporary
-    name and renamed, so concurrent replicas never see half a set.
+    name and renamed, so concurrent replicas never see half a set. `pipeline` makes the pipeline to generate
+    with (a learning job passes one over the models it has loaded already); by default the bundle's cached
+    pipeline (in bf16 on CUDA).
     """
     folder = cache_dir / class_images_key(bundle.digest, prompt, count, steps)
     names = [folder / f"{n:05d}.png" for n in range(count)]
@@ -195,14 +200,19 @@ def ensure_class_images(bundle, prompt: str, count: int, cache_dir: Path, device
     tmp = cache_dir / f".tmp-{folder.name}-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
-    dtype = torch.bfloat16 if str(device).startswith("cuda") else torch.float32
-    pipe = bundle.load_diffusion(device, dtype)
+    if pipeline is None:
+        dtype = torch.bfloat16 if str(device).startswith("cuda") else torch.float32
+        pipe = bundle.load_diffusion(device, dtype)
+    else:
+        pipe = pipeline()
     for start in range(0, count, batch_size):
         seeds = list(range(start, min(start + batch_size, count)))
-        images = pipe([prompt] * len(seeds), num_inference_steps=steps,
-                      generator=[torch.Generator("cpu").manual_seed(s) for s in seeds]).images
+        with autocast or nullcontext():
+            images = pipe([prompt] * len(seeds), num_inference_steps=steps,
+                          generator=[torch.Generator("cpu").manual_seed(s) for s in seeds]).images
         for s, img in zip(seeds, images, strict=True):
             img.save(tmp / f"{s:05d}.png")
+    del pipe
     (tmp / "done.json").write_text(json.dumps({"bundle": bundle.digest, "prompt": prompt, "count": count,
                                                "steps": steps}))
     try:
@@ -213,6 +223,23 @@ def ensure_class_images(bundle, prompt: str, count: int, cache_dir: Path, device
 
 
 # ----------------------------------------------------------------------------------------------------------------
+
+
+def components_pipeline(root: Path, tokenizer, text_encoder, unet, vae):
+    """A StableDiffusionPipeline over models that are loaded already, with the bundle's own sampler: what
+    `bundle.load_diffusion` would build, without a second copy of the weights."""
+    import diffusers
+
+    index = json.loads((root / "model_index.json").read_text(encoding="utf-8"))
+    scheduler_class = getattr(diffusers, index["scheduler"][1])
+    # a scheduler is configuration only: built from its JSON, no weights are read
+    scheduler = scheduler_class.from_config(scheduler_class.load_config(str(root), subfolder="scheduler",
+                                                                        local_files_only=True))
+    pipe = diffusers.StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
+                                             scheduler=scheduler, safety_checker=None, feature_extractor=None,
+                                             requires_safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
 
 
 def load_components(bundle, device: str):
@@ -259,6 +286,8 @@ class Trainer:
         class_image_steps: int = 50,
         on_step: Callable[[StepInfo], None] | None = None,
         on_phase: Callable[[str], None] | None = None,
+        gradient_checkpointing: bool = True,
+        adam_8bit: bool = False,
     ):
         self.bundle = bundle
         self.spec = spec
@@ -270,6 +299,10 @@ class Trainer:
         self.class_image_steps = class_image_steps
         self.on_step = on_step or (lambda info: None)
         self.on_phase = on_phase or (lambda phase: None)
+        self.gradient_checkpointing = gradient_checkpointing  # full-UNet refinement recomputes activations
+        self.adam_8bit = adam_8bit  # refinement with bitsandbytes' 8-bit AdamW (CUDA only)
+        if adam_8bit and not str(device).startswith("cuda"):
+            raise ValueError("8-bit AdamW (bitsandbytes) needs a CUDA device")
         self.autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if str(device).startswith("cuda")
                          else nullcontext())
         self.phase: str | None = None
@@ -283,9 +316,17 @@ class Trainer:
         spec, s = self.spec, self.schedule
         self.generator = torch.Generator("cpu").manual_seed(spec.seed)
         self.rng = random.Random(spec.seed)
+        self.tokenizer, self.text_encoder, self.unet, self.vae, self.noise_scheduler = load_components(
+            self.bundle, self.device)
+        self.prior = s.num_class_images > 0
+        if self.prior:  # generated with the models just loaded, before any learned token or capture exists
+            self.class_paths = ensure_class_images(
+                self.bundle, s.class_prompt, s.num_class_images, self.class_images_dir, self.device,
+                self.class_image_steps, pipeline=lambda: components_pipeline(
+                    self.bundle.root / "diffusion", self.tokenizer, self.text_encoder, self.unet, self.vae),
+                autocast=self.autocast)
+            self.class_latents: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         with MODEL_BUILD_LOCK:  # see services.common.bundle.MODEL_BUILD_LOCK
-            self.tokenizer, self.text_encoder, self.unet, self.vae, self.noise_scheduler = load_components(
-                self.bundle, self.device)
             concepts = [(c.concept_id, c.noun) for c in spec.concepts]
             self.tokens = ConceptTokens(self.tokenizer, self.text_encoder, plan_tokens(concepts, spec.anchors))
             self.tokens.initialise(spec.init_words, self.rng)
@@ -301,11 +342,7 @@ class Trainer:
         self.masks = [masks, masks.flip(-1)]
         self.scaling = float(self.vae.config.scaling_factor)
 
-        self.prior = s.num_class_images > 0
         if self.prior:
-            self.class_paths = ensure_class_images(self.bundle, s.class_prompt, s.num_class_images,
-                                                   self.class_images_dir, dev, self.class_image_steps)
-            self.class_latents: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
             self.class_ids = self.tokens.input_ids([s.class_prompt], dev)
 
         self.weights = L.timestep_weights(self.noise_scheduler.config.num_train_timesteps, s.t_dist).float()
@@ -339,6 +376,18 @@ class Trainer:
     def _embedding_optimizer(self, params, lr) -> torch.optim.Optimizer:
         return torch.optim.AdamW(params, lr=lr, **ADAM)
 
+    def _refinement_optimizer(self, params, lr) -> torch.optim.Optimizer:
+        """AdamW over the UNet and the token rows. On CUDA the fused kernel (no full-size temporaries, unlike the
+        default multi-tensor one), or bitsandbytes' 8-bit AdamW (the published setting: two bytes of state per
+        weight instead of eight); on a CPU, the plain per-tensor loop."""
+        if self.adam_8bit:
+            import bitsandbytes as bnb
+
+            return bnb.optim.AdamW8bit(params, lr=lr, **ADAM)
+        if str(self.device).startswith("cuda"):
+            return torch.optim.AdamW(params, lr=lr, fused=True, **ADAM)
+        return torch.optim.AdamW(params, lr=lr, **ADAM)
+
     def enter_phase(self, phase: str, resuming: bool = False) -> None:
         s = self.schedule
         if phase == OBJECT_LEVEL:
@@ -353,7 +402,8 @@ class Trainer:
         if phase == REFINEMENT:
             self._setup_refinement()
             params = [self.tokens.new, *self.unet_params.values()]
-            self.optimizer = self._embedding_optimizer(params, s.unet_learning_rate)
+            self.optimizer = None  # the embedding phases' state goes before the UNet's is made
+            self.optimizer = self._refinement_optimizer(params, s.unet_learning_rate)
         self.snapshot = self.tokens.new.detach().clone()
         self.phase = phase
 
@@ -369,6 +419,8 @@ class Trainer:
             self.unet.to(self.device)
         else:
             self.unet.requires_grad_(True)
+            if self.gradient_checkpointing:  # activations recomputed in the backward pass, block by block
+                self.unet.enable_gradient_checkpointing()
         self.unet_params = {n: p for n, p in self.unet.named_parameters() if p.requires_grad}
 
     # -- one step -----------------------------------------------------------------------------------------------
@@ -442,6 +494,8 @@ class Trainer:
         total = total + terms["triplet"] + terms.get("attention", 0.0)
 
         total.backward()
+        if self.store is not None:  # a checkpointed backward pass re-runs the capture: drop what it recorded
+            self.store.clear()
         params = [p for group in self.optimizer.param_groups for p in group["params"]]
         torch.nn.utils.clip_grad_norm_(params, MAX_GRAD_NORM)
         self.optimizer.step()
@@ -492,6 +546,7 @@ class Trainer:
         if found is not None:
             start, tensors, state = found
             self._restore(tensors, state)
+            del found, tensors  # the parameters and the optimizer hold what they need; the rest is a copy
             log.info("resuming at step %d (%s)", start, self.phase)
             self.on_phase(self.phase)
         total = self.schedule.total_steps
@@ -517,10 +572,16 @@ class Trainer:
         return self.result()
 
     def result(self) -> TrainResult:
+        # training is over: the optimizer state (for a full UNet, twice its size) and the gradients go first
+        self.optimizer = None
+        for p in self.unet_params.values():
+            p.grad = None
+        if self.tokens is not None:
+            self.tokens.new.grad = None
+        gc.collect()
         delta = lora = None
         if self.schedule.refinement_steps > 0 and self.spec.refinement == "full":
-            base = base_unet_tensors(self.bundle, self.unet_params)
-            delta = {n: (p.detach().float().cpu() - base[n].float()).contiguous() for n, p in self.unet_params.items()}
+            delta = unet_delta(self.bundle, self.unet_params)
         elif self.schedule.refinement_steps > 0:
             from diffusers.utils import convert_state_dict_to_diffusers
             from peft.utils import get_peft_model_state_dict
@@ -528,6 +589,14 @@ class Trainer:
             lora = {k: v.detach().float().cpu().contiguous() for k, v in
                     convert_state_dict_to_diffusers(get_peft_model_state_dict(self.unet)).items()}
         return TrainResult(list(self.tokens.specs), self.tokens.embeddings(), delta, lora)
+
+    def release(self) -> None:
+        """Drop every model, tensor and optimizer of the job (the token hook refers back to the trainer, so
+        without this only the cyclic garbage collector would free them)."""
+        for name in ("optimizer", "tokens", "text_encoder", "unet", "vae", "tokenizer", "noise_scheduler", "store",
+                     "instance_latents", "masks", "class_latents", "snapshot", "row_mask", "weights", "word_e"):
+            setattr(self, name, None)
+        self.unet_params = {}
 
 
 def training_target(scheduler, latents: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
@@ -542,6 +611,25 @@ def training_target(scheduler, latents: torch.Tensor, noise: torch.Tensor, t: to
     if kind == "sample":
         return latents
     raise BundleError(f"unsupported prediction_type {kind!r}", "diffusion/scheduler/scheduler_config.json")
+
+
+def unet_delta(bundle, params: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """trained − base for every weight in `params`, on the CPU in float32, one tensor at a time: each base weight
+    is read from the bundle's safetensors only when its difference is taken (peak: the deltas + one weight)."""
+    from safetensors import safe_open
+
+    out: dict[str, torch.Tensor] = {}
+    for path in sorted((bundle.root / "diffusion" / "unet").glob("*.safetensors")):
+        with safe_open(str(path), framework="pt") as f:
+            for key in set(params).intersection(f.keys()):
+                p = params[key].detach()
+                base = f.get_tensor(key).to(p.device, torch.float32)
+                out[key] = (p.float() - base).cpu().contiguous()
+                del base
+    missing = set(params) - set(out)
+    if missing:
+        raise BundleError(f"{len(missing)} UNet weights not found, e.g. {sorted(missing)[0]}", "diffusion/unet")
+    return out
 
 
 def base_unet_tensors(bundle, names) -> dict[str, torch.Tensor]:

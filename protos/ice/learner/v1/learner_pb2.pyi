@@ -154,7 +154,7 @@ class Schedule(_message.Message):
     def __init__(self, phase1_steps: _Optional[int] = ..., phase2_steps: _Optional[int] = ..., refinement_steps: _Optional[int] = ..., embedding_learning_rate: _Optional[float] = ..., unet_learning_rate: _Optional[float] = ..., checkpoint_every: _Optional[int] = ..., num_class_images: _Optional[int] = ..., class_prompt: _Optional[str] = ..., prior_loss_weight: _Optional[float] = ..., lambda_attention: _Optional[float] = ..., noise_offset: _Optional[float] = ..., t_dist: _Optional[float] = ..., reg_weight: _Optional[float] = ..., reg_intrinsic_weight: _Optional[float] = ..., pos_neg_margin: _Optional[float] = ...) -> None: ...
 
 class LearningJobMetadata(_message.Message):
-    __slots__ = ("job_id", "state", "phase", "step", "total_steps", "percent", "losses", "create_time", "start_time", "update_time", "end_time", "eta_seconds", "queue_position", "cancel_requested", "replica_address")
+    __slots__ = ("job_id", "state", "phase", "step", "total_steps", "percent", "losses", "create_time", "start_time", "update_time", "end_time", "eta_seconds", "queue_position", "cancel_requested", "replica_address", "memory_estimate_bytes")
     class LossesEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -177,6 +177,7 @@ class LearningJobMetadata(_message.Message):
     QUEUE_POSITION_FIELD_NUMBER: _ClassVar[int]
     CANCEL_REQUESTED_FIELD_NUMBER: _ClassVar[int]
     REPLICA_ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    MEMORY_ESTIMATE_BYTES_FIELD_NUMBER: _ClassVar[int]
     job_id: str
     state: JobState
     phase: Phase
@@ -192,7 +193,8 @@ class LearningJobMetadata(_message.Message):
     queue_position: int
     cancel_requested: bool
     replica_address: str
-    def __init__(self, job_id: _Optional[str] = ..., state: _Optional[_Union[JobState, str]] = ..., phase: _Optional[_Union[Phase, str]] = ..., step: _Optional[int] = ..., total_steps: _Optional[int] = ..., percent: _Optional[float] = ..., losses: _Optional[_Mapping[str, float]] = ..., create_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., start_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., update_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., end_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., eta_seconds: _Optional[float] = ..., queue_position: _Optional[int] = ..., cancel_requested: _Optional[bool] = ..., replica_address: _Optional[str] = ...) -> None: ...
+    memory_estimate_bytes: int
+    def __init__(self, job_id: _Optional[str] = ..., state: _Optional[_Union[JobState, str]] = ..., phase: _Optional[_Union[Phase, str]] = ..., step: _Optional[int] = ..., total_steps: _Optional[int] = ..., percent: _Optional[float] = ..., losses: _Optional[_Mapping[str, float]] = ..., create_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., start_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., update_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., end_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., eta_seconds: _Optional[float] = ..., queue_position: _Optional[int] = ..., cancel_requested: _Optional[bool] = ..., replica_address: _Optional[str] = ..., memory_estimate_bytes: _Optional[int] = ...) -> None: ...
 
 class LearningJobResult(_message.Message):
     __slots__ = ("job_id", "tokens", "artifacts", "bundle")
