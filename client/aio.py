@@ -33,7 +33,8 @@ from client import messages as M
 from client import tracing
 from client.channel import open_aio_channel
 from client.core import ClientCore
-from client.errors import IceClientError
+from client.errors import IceClientError, ServiceError
+from client.longcalls import Resume, evaluate_timeout, localize_timeout
 from client.messages import EVALUATOR, LEARNER, LOCALIZER, OPERATIONS, learning_request
 from client.options import ExtractOptions, GenerateOptions, LocalizeOptions, Schedule, image_bytes
 from client.types import (
@@ -117,7 +118,8 @@ class AsyncIceClient(ClientCore):
     # --- localizer -----------------------------------------------------------------------------------------
     async def localize(self, image: Any, options: LocalizeOptions | None = None) -> LocalizeResult:
         """Stage 1: the object-level concepts of one image (nouns and masks)."""
-        r = await self._call("localizer", LOCALIZER, "Localize", M.localize_request(image, options))
+        r = await self._call("localizer", LOCALIZER, "Localize", M.localize_request(image, options),
+                             localize_timeout(self.config, options.max_rounds if options else None))
         return M.localize_result(r)
 
     # --- learner -------------------------------------------------------------------------------------------
@@ -161,14 +163,34 @@ class AsyncIceClient(ClientCore):
                 return out
 
     async def watch(self, job: Job | str, timeout: float | None = None) -> AsyncIterator[JobProgress]:
-        """Progress of a job as it changes; the last item has `done` = True (WatchLearningJob)."""
-        job, channel, address = self._job_route(job)
-        request = learner_pb2.WatchLearningJobRequest(name=job.name)
-        stream = self._stream("learner", LEARNER, "WatchLearningJob", request, timeout, channel, address)
-        async with contextlib.aclosing(stream):
-            async for r in stream:
-                self._remember(job.name, r.metadata)
-                yield M.watch_progress(r)
+        """Progress of a job as it changes; the last item has `done` = True (WatchLearningJob). A stream the server
+        closes (UNAVAILABLE) is re-opened for as long as the job runs, as `IceClient.watch` does."""
+        resume = Resume(self.config, timeout)
+        name = Job.of(job).name
+        while True:
+            job, channel, address = self._job_route(job)
+            request = learner_pb2.WatchLearningJobRequest(name=name)
+            stream = self._stream("learner", LEARNER, "WatchLearningJob", request, resume.remaining(), channel,
+                                  address)
+            try:
+                async with contextlib.aclosing(stream):
+                    async for r in stream:
+                        self._remember(name, r.metadata)
+                        progress = M.watch_progress(r)
+                        if resume.fresh(progress):
+                            yield progress
+                        if progress.done:
+                            return
+            except ServiceError as error:
+                delay = resume.after_error(error)
+                if delay is None:
+                    raise
+                await asyncio.sleep(delay)
+                continue
+            delay = resume.after_end()
+            if delay is None:
+                return
+            await asyncio.sleep(delay)
 
     async def wait(self, job: Job | str, progress: bool | Callable[[JobProgress], None] = False,
                    timeout: float | None = None) -> LearningResult:
@@ -242,7 +264,13 @@ class AsyncIceClient(ClientCore):
     ) -> EvaluationResult:
         """UCE metrics of one source image. `concepts`: (concept_id, mask, generated images) per concept."""
         request = M.evaluate_request(source_image, concepts, composition_images, encoders, background_fill, crop)
-        return M.evaluation_result(await self._call("evaluator", EVALUATOR, "Evaluate", request))
+        timeout = evaluate_timeout(self.config, M.image_count(request))
+        limit = M.chunk_bytes(self.config.max_message_bytes)
+        if request.ByteSize() > limit:  # too large for one message: one item of EvaluateSet, in parts
+            response = await self._call("evaluator", EVALUATOR, "EvaluateSet", M.evaluate_as_set(request, limit),
+                                        timeout)
+            return M.evaluation_result_of_set(response)
+        return M.evaluation_result(await self._call("evaluator", EVALUATOR, "Evaluate", request, timeout))
 
     async def evaluate_set(
         self,
@@ -252,8 +280,11 @@ class AsyncIceClient(ClientCore):
         crop: str | None = None,
     ) -> SetEvaluationResult:
         """UCE metrics of a whole set, accuracy among all its concepts (see `IceClient.evaluate_set`)."""
-        requests = M.evaluate_set_requests(items, encoders, background_fill, crop)
-        return M.set_evaluation_result(await self._call("evaluator", EVALUATOR, "EvaluateSet", requests))
+        requests = M.evaluate_set_requests(items, encoders, background_fill, crop,
+                                           M.chunk_bytes(self.config.max_message_bytes))
+        images = M.set_image_count(items)
+        timeout = None if images is None else evaluate_timeout(self.config, images)
+        return M.set_evaluation_result(await self._call("evaluator", EVALUATOR, "EvaluateSet", requests, timeout))
 
     async def score_masks(self, predicted: Sequence[Any], ground_truth: Sequence[Any]) -> MaskScores:
         """mIoU, recall and precision of predicted masks against ground truth, after Hungarian matching."""

@@ -8,7 +8,11 @@
 - TLS with the system roots or a given CA bundle, client certificate and key for mutual TLS, and a bearer
   token: sent as call credentials over TLS, and as `authorization` metadata on a plaintext channel (for
   loopback development only).
-- Deadlines: `timeout` seconds per unary call; streams that follow a job have none unless asked for.
+- Deadlines: `timeout` seconds per unary call, and more for calls whose work is known in advance: Localize
+  gets `seconds_per_round` for each round it may run, Evaluate and EvaluateSet `seconds_per_image` for each
+  image (`client.longcalls`). Streams that follow a job have none unless asked for; a watch is re-opened when
+  the server closes it (UNAVAILABLE, e.g. a connection reaching its maximum age) for as long as the job runs,
+  giving up after `watch_reconnect_s` without reaching the learner.
 - Message sizes set explicitly on both directions (gRPC's default receive limit is 4 MiB).
 
 `open_channel` makes a blocking channel (`IceClient`), `open_aio_channel` the same one for asyncio
@@ -57,6 +61,9 @@ class ChannelConfig:
     server_name_override: str | None = None  # TLS name to verify instead of the target host (tests, IPs)
     token: str | None = None  # bearer token
     timeout: float = 600.0  # seconds per unary call
+    seconds_per_round: float = 120.0  # Localize: added to `timeout` for each round it may run
+    seconds_per_image: float = 2.0  # Evaluate / EvaluateSet: added to `timeout` for each image sent
+    watch_reconnect_s: float = 900.0  # a watch gives up after this long without reaching the learner
     max_message_bytes: int = 64 * 1024 * 1024
     retry: RetryPolicy | None = field(default_factory=RetryPolicy)
     load_balancing: str = "round_robin"

@@ -326,20 +326,87 @@ def evaluation_result(r: evaluator_pb2.EvaluateResponse) -> EvaluationResult:
     return EvaluationResult([encoder_scores(s) for s in r.scores])
 
 
+# an image's framing inside a message (tag and length), counted generously when a message is filled
+_FRAMING = 16
+
+
+def chunk_bytes(max_message_bytes: int) -> int:
+    """Largest message the SDK builds for EvaluateSet: half the message limit (room for framing and options)."""
+    return max(max_message_bytes // 2, 1 << 16)
+
+
+def item_messages(item_id: str, one: evaluator_pb2.EvaluateRequest,
+                  limit: int) -> Iterator[evaluator_pb2.EvaluateSetRequest]:
+    """One source image as EvaluateSet messages of about `limit` bytes at most: the item with its masks and as
+    many images as fit, then `continuation` messages with the rest, in order (an image larger than `limit` goes
+    alone in its message)."""
+    item = evaluator_pb2.EvaluateSetItem(item_id=item_id, source_image=one.source_image)
+    for c in one.concepts:
+        item.concepts.add(concept_id=c.concept_id, mask=c.mask)
+    size, rest = item.ByteSize(), []
+    images = [(k, c.concept_id, img) for k, c in enumerate(one.concepts) for img in c.images]
+    images += [(None, "", img) for img in one.composition_images]
+    for k, concept_id, img in images:
+        if not rest and size + len(img) + _FRAMING <= limit:
+            (item.concepts[k].images if k is not None else item.composition_images).append(img)
+            size += len(img) + _FRAMING
+        else:  # once one image does not fit, every later one follows in order
+            rest.append((concept_id, img))
+    yield evaluator_pb2.EvaluateSetRequest(item=item)
+    part, size = None, 0
+    for concept_id, img in rest:
+        if part is None or part.concept_id != concept_id or size + len(img) + _FRAMING > limit:
+            if part is not None:
+                yield evaluator_pb2.EvaluateSetRequest(continuation=part)
+            part, size = evaluator_pb2.EvaluateSetImages(concept_id=concept_id), len(concept_id) + _FRAMING
+        part.images.append(img)
+        size += len(img) + _FRAMING
+    if part is not None:
+        yield evaluator_pb2.EvaluateSetRequest(continuation=part)
+
+
 def evaluate_set_requests(
     items: Iterable[tuple[str, Any, Sequence[tuple[str, Any, Sequence[Any]]], Sequence[Any]]],
     encoders: Sequence[str] = (),
     background_fill: str | None = None,
     crop: str | None = None,
+    limit: int = 32 << 20,
 ) -> Iterator[evaluator_pb2.EvaluateSetRequest]:
-    """The EvaluateSet stream: the options, then one message per (item_id, source image, concepts, composition
-    images), each encoded only when the stream reaches it."""
+    """The EvaluateSet stream: the options, then each (item_id, source image, concepts, composition images) in
+    messages of at most about `limit` bytes (`item_messages`), each item encoded only when the stream reaches it."""
     yield evaluator_pb2.EvaluateSetRequest(options=evaluate_options(encoders, background_fill, crop))
     for item_id, source, concepts, composition in items:
-        one = evaluate_request(source, concepts, composition)
-        yield evaluator_pb2.EvaluateSetRequest(item=evaluator_pb2.EvaluateSetItem(
-            item_id=item_id, source_image=one.source_image, concepts=one.concepts,
-            composition_images=one.composition_images))
+        yield from item_messages(item_id, evaluate_request(source, concepts, composition), limit)
+
+
+def image_count(request: evaluator_pb2.EvaluateRequest) -> int:
+    return sum(len(c.images) for c in request.concepts) + len(request.composition_images)
+
+
+def set_image_count(items) -> int | None:
+    """Images of every item of an `evaluate_set` call, when `items` is a sequence (None for a one-pass iterable)."""
+    if not isinstance(items, Sequence):
+        return None
+    return sum(sum(len(images) for _, _, images in concepts) + len(composition)
+               for _, _, concepts, composition in items)
+
+
+def evaluate_as_set(request: evaluator_pb2.EvaluateRequest, limit: int) -> Iterator[evaluator_pb2.EvaluateSetRequest]:
+    """An Evaluate request too large for one message, as an EvaluateSet of one item split over messages."""
+    yield evaluator_pb2.EvaluateSetRequest(options=request.options)
+    yield from item_messages("0", request, limit)
+
+
+def evaluation_result_of_set(r: evaluator_pb2.EvaluateSetResponse) -> EvaluationResult:
+    """What Evaluate answers, from the EvaluateSet of its one item: a set of one image ranks its concepts among
+    that image's own, as Evaluate does (ACCURACY_SCOPE_REQUEST)."""
+    scores = []
+    for s in r.scores:
+        one = evaluator_pb2.EncoderScores()
+        one.CopyFrom(s)
+        one.accuracy_scope = evaluator_pb2.ACCURACY_SCOPE_REQUEST
+        scores.append(encoder_scores(one))
+    return EvaluationResult(scores)
 
 
 def set_evaluation_result(r: evaluator_pb2.EvaluateSetResponse) -> SetEvaluationResult:

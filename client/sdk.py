@@ -11,6 +11,7 @@ results are built by `client.messages`, shared with the asyncio client (`client.
 
 from __future__ import annotations
 
+import time
 import uuid
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
@@ -23,6 +24,8 @@ from client import messages as M
 from client import tracing
 from client.channel import open_channel
 from client.core import ClientCore
+from client.errors import ServiceError
+from client.longcalls import Resume, evaluate_timeout, localize_timeout
 from client.messages import (  # noqa: F401  (re-exported: the names this module always had)
     EVALUATOR,
     LEARNER,
@@ -113,7 +116,8 @@ class IceClient(ClientCore):
     # --- localizer -----------------------------------------------------------------------------------------
     def localize(self, image: Any, options: LocalizeOptions | None = None) -> LocalizeResult:
         """Stage 1: the object-level concepts of one image (nouns and masks)."""
-        r = self._call("localizer", LOCALIZER, "Localize", M.localize_request(image, options))
+        r = self._call("localizer", LOCALIZER, "Localize", M.localize_request(image, options),
+                       localize_timeout(self.config, options.max_rounds if options else None))
         return M.localize_result(r)
 
     # --- learner -------------------------------------------------------------------------------------------
@@ -160,12 +164,33 @@ class IceClient(ClientCore):
                 return out
 
     def watch(self, job: Job | str, timeout: float | None = None) -> Iterator[JobProgress]:
-        """Progress of a job as it changes; the last item has `done` = True (WatchLearningJob)."""
-        job, channel, address = self._job_route(job)
-        request = learner_pb2.WatchLearningJobRequest(name=job.name)
-        for r in self._stream("learner", LEARNER, "WatchLearningJob", request, timeout, channel, address):
-            self._remember(job.name, r.metadata)
-            yield M.watch_progress(r)
+        """Progress of a job as it changes; the last item has `done` = True (WatchLearningJob). When the server
+        closes the stream (UNAVAILABLE: a connection at its maximum age, a restart) it is re-opened, for as
+        long as the job runs, and updates already seen are skipped (`client.longcalls.Resume`)."""
+        resume = Resume(self.config, timeout)
+        name = Job.of(job).name
+        while True:
+            job, channel, address = self._job_route(job)
+            request = learner_pb2.WatchLearningJobRequest(name=name)
+            try:
+                for r in self._stream("learner", LEARNER, "WatchLearningJob", request, resume.remaining(),
+                                      channel, address):
+                    self._remember(name, r.metadata)
+                    progress = M.watch_progress(r)
+                    if resume.fresh(progress):
+                        yield progress
+                    if progress.done:
+                        return
+            except ServiceError as error:
+                delay = resume.after_error(error)
+                if delay is None:
+                    raise
+                time.sleep(delay)
+                continue
+            delay = resume.after_end()
+            if delay is None:
+                return
+            time.sleep(delay)
 
     def wait(self, job: Job | str, progress: bool | Callable[[JobProgress], None] = False,
              timeout: float | None = None) -> LearningResult:
@@ -237,7 +262,12 @@ class IceClient(ClientCore):
     ) -> EvaluationResult:
         """UCE metrics of one source image. `concepts`: (concept_id, mask, generated images) per concept."""
         request = M.evaluate_request(source_image, concepts, composition_images, encoders, background_fill, crop)
-        return M.evaluation_result(self._call("evaluator", EVALUATOR, "Evaluate", request))
+        timeout = evaluate_timeout(self.config, M.image_count(request))
+        limit = M.chunk_bytes(self.config.max_message_bytes)
+        if request.ByteSize() > limit:  # too large for one message: one item of EvaluateSet, in parts
+            response = self._call("evaluator", EVALUATOR, "EvaluateSet", M.evaluate_as_set(request, limit), timeout)
+            return M.evaluation_result_of_set(response)
+        return M.evaluation_result(self._call("evaluator", EVALUATOR, "Evaluate", request, timeout))
 
     def evaluate_set(
         self,
@@ -249,9 +279,14 @@ class IceClient(ClientCore):
         """UCE metrics of a whole set (e.g. a benchmark), as the paper computes them: every concept's accuracy and
         rank measured among all the set's concepts. `items`: (item_id, source image, concepts, composition
         images) per source image, `concepts` as in `evaluate`; read lazily, one item at a time. An extraction
-        folder gives one with `extraction_set_item(load_extraction(folder), item_id)`."""
-        requests = M.evaluate_set_requests(items, encoders, background_fill, crop)
-        return M.set_evaluation_result(self._call("evaluator", EVALUATOR, "EvaluateSet", requests))
+        folder gives one with `extraction_set_item(load_extraction(folder), item_id)`. An item too large for one
+        message is sent in parts (`continuation`). The deadline grows with the images when `items` is a sequence;
+        a one-pass iterable gets none."""
+        requests = M.evaluate_set_requests(items, encoders, background_fill, crop,
+                                           M.chunk_bytes(self.config.max_message_bytes))
+        images = M.set_image_count(items)
+        timeout = None if images is None else evaluate_timeout(self.config, images)
+        return M.set_evaluation_result(self._call("evaluator", EVALUATOR, "EvaluateSet", requests, timeout))
 
     def score_masks(self, predicted: Sequence[Any], ground_truth: Sequence[Any]) -> MaskScores:
         """mIoU, recall and precision of predicted masks against ground truth, after Hungarian matching."""

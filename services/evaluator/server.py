@@ -4,7 +4,9 @@ Field paths in errors follow the request: `concepts[1].mask`, `concepts[0].image
 `EvaluateSet` an item's fields are prefixed with its 0-based position among the items, e.g.
 `items[4].concepts[0].images[2]`. Generated images are decoded lazily, one embedding batch at a time, so a
 corrupt one is reported when its batch is reached; everything else (counts, limits, ids, masks, options) is
-checked before any model runs.
+checked before any model runs. An `EvaluateSet` item may continue in `continuation` messages: they are appended
+to the item (its limits checked as each arrives) and the item is scored once the next item or the end of the
+stream shows that it is complete.
 """
 
 from __future__ import annotations
@@ -132,19 +134,39 @@ class EvaluatorServicer(evaluator_pb2_grpc.EvaluatorServiceServicer):
         protocol, names = self._options(first.options, "options")
         evaluation = SetEvaluation(self.embedder, names, protocol)
         item_ids: set[str] = set()
-        for index, message in enumerate(request_iterator):
+        pending: tuple[str, pb.EvaluateSetItem, str] | None = None  # an item whose parts may still come
+        index, parts = -1, 0
+
+        def score(pending) -> None:
+            item_id, item, prefix = pending
+            evaluation.add(self._item(item_id, item.source_image, item.concepts, item.composition_images, prefix))
+
+        for message in request_iterator:
+            kind = message.WhichOneof("payload")
+            if kind == "continuation":
+                if pending is None:
+                    raise InvalidArgument("a continuation must follow an item", field=f"items[{index + 1}]")
+                self._add_images(pending[1], message.continuation, pending[2], parts)
+                parts += 1
+                continue
+            index += 1
             prefix = f"items[{index}]."
-            if message.WhichOneof("payload") != "item":
+            if kind != "item":
                 raise InvalidArgument("only the first message may carry options; later ones carry items",
                                       field=f"items[{index}]")
             if index >= self.settings.max_set_items:
                 raise ResourceExhausted(f"more than {self.settings.max_set_items} items in one set", field="items")
+            if pending is not None:
+                score(pending)
             item = message.item
             item_id = item.item_id or str(index)
             if item_id in item_ids:
                 raise InvalidArgument(f"{item_id!r} is not unique in the set", field=f"{prefix}item_id")
             item_ids.add(item_id)
-            evaluation.add(self._item(item_id, item.source_image, item.concepts, item.composition_images, prefix))
+            self._check_counts(item.concepts, len(item.composition_images), prefix)
+            pending, parts = (item_id, item, prefix), 0
+        if pending is not None:
+            score(pending)
         if evaluation.item_count == 0:
             raise InvalidArgument("the stream carried no item", field="items")
         results = evaluation.result()
@@ -158,6 +180,32 @@ class EvaluatorServicer(evaluator_pb2_grpc.EvaluatorServiceServicer):
             concept_count=evaluation.concept_count,
             item_scores=item_scores,
         )
+
+    def _check_counts(self, concepts, composition: int, prefix: str) -> None:
+        """The item's image limits, checked as its messages arrive (so an item never grows past them)."""
+        s = self.settings
+        for i, c in enumerate(concepts):
+            if len(c.images) > s.max_images_per_concept:
+                raise ResourceExhausted(f"{len(c.images)} images exceed the limit of {s.max_images_per_concept}",
+                                        field=f"{prefix}concepts[{i}].images")
+        total = sum(len(c.images) for c in concepts) + composition
+        if total > s.max_images_per_request:
+            raise ResourceExhausted(f"{total} images exceed the limit of {s.max_images_per_request} per item",
+                                    field=f"{prefix}concepts")
+
+    def _add_images(self, item: pb.EvaluateSetItem, part: pb.EvaluateSetImages, prefix: str, number: int) -> None:
+        """Append a `continuation` message to its item (which is scored once complete)."""
+        if part.concept_id:
+            for c in item.concepts:
+                if c.concept_id == part.concept_id:
+                    c.images.extend(part.images)
+                    break
+            else:
+                raise InvalidArgument(f"the item has no concept {part.concept_id!r}",
+                                      field=f"{prefix}continuation[{number}].concept_id")
+        else:
+            item.composition_images.extend(part.images)
+        self._check_counts(item.concepts, len(item.composition_images), prefix)
 
     def ScoreMasks(self, request: pb.ScoreMasksRequest, context) -> pb.ScoreMasksResponse:
         if not request.ground_truth:

@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from ice.common.v1 import common_pb2 as ice_dot_common_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n ice/evaluator/v1/evaluator.proto\x12\x10ice.evaluator.v1\x1a\x1aice/common/v1/common.proto\"\xab\x01\n\x0f\x45valuateRequest\x12\x14\n\x0csource_image\x18\x01 \x01(\x0c\x12\x32\n\x08\x63oncepts\x18\x02 \x03(\x0b\x32 .ice.evaluator.v1.ConceptSamples\x12\x1a\n\x12\x63omposition_images\x18\x03 \x03(\x0c\x12\x32\n\x07options\x18\x04 \x01(\x0b\x32!.ice.evaluator.v1.EvaluateOptions\"B\n\x0e\x43onceptSamples\x12\x12\n\nconcept_id\x18\x01 \x01(\t\x12\x0c\n\x04mask\x18\x02 \x01(\x0c\x12\x0e\n\x06images\x18\x03 \x03(\x0c\"\x9c\x01\n\x0f\x45valuateOptions\x12(\n\x08\x65ncoders\x18\x01 \x03(\x0e\x32\x16.ice.common.v1.Encoder\x12\x39\n\x0f\x62\x61\x63kground_fill\x18\x02 \x01(\x0e\x32 .ice.evaluator.v1.BackgroundFill\x12$\n\x04\x63rop\x18\x03 \x01(\x0e\x32\x16.ice.evaluator.v1.Crop\"C\n\x10\x45valuateResponse\x12/\n\x06scores\x18\x01 \x03(\x0b\x32\x1f.ice.evaluator.v1.EncoderScores\"\xa4\x02\n\rEncoderScores\x12\'\n\x07\x65ncoder\x18\x01 \x01(\x0e\x32\x16.ice.common.v1.Encoder\x12\r\n\x05sim_i\x18\x02 \x01(\x01\x12\x12\n\x05sim_c\x18\x03 \x01(\x01H\x00\x88\x01\x01\x12\x0c\n\x04\x61\x63\x63\x31\x18\x04 \x01(\x01\x12\x0c\n\x04\x61\x63\x63\x33\x18\x05 \x01(\x01\x12\x30\n\x08\x63oncepts\x18\x06 \x03(\x0b\x32\x1e.ice.evaluator.v1.ConceptScore\x12\x37\n\x0e\x61\x63\x63uracy_scope\x18\x07 \x01(\x0e\x32\x1f.ice.evaluator.v1.AccuracyScope\x12\x19\n\x11\x63oncepts_in_scope\x18\x08 \x01(\x05\x12\x1b\n\x13sim_c_absent_reason\x18\t \x01(\tB\x08\n\x06_sim_c\"[\n\x0c\x43onceptScore\x12\x12\n\nconcept_id\x18\x01 \x01(\t\x12\r\n\x05sim_i\x18\x02 \x01(\x01\x12\x0c\n\x04\x61\x63\x63\x31\x18\x03 \x01(\x01\x12\x0c\n\x04\x61\x63\x63\x33\x18\x04 \x01(\x01\x12\x0c\n\x04rank\x18\x05 \x01(\x05\"\x88\x01\n\x12\x45valuateSetRequest\x12\x34\n\x07options\x18\x01 \x01(\x0b\x32!.ice.evaluator.v1.EvaluateOptionsH\x00\x12\x31\n\x04item\x18\x02 \x01(\x0b\x32!.ice.evaluator.v1.EvaluateSetItemH\x00\x42\t\n\x07payload\"\x88\x01\n\x0f\x45valuateSetItem\x12\x0f\n\x07item_id\x18\x01 \x01(\t\x12\x14\n\x0csource_image\x18\x02 \x01(\x0c\x12\x32\n\x08\x63oncepts\x18\x03 \x03(\x0b\x32 .ice.evaluator.v1.ConceptSamples\x12\x1a\n\x12\x63omposition_images\x18\x04 \x03(\x0c\"\xa4\x01\n\x13\x45valuateSetResponse\x12/\n\x06scores\x18\x01 \x03(\x0b\x32\x1f.ice.evaluator.v1.EncoderScores\x12\x12\n\nitem_count\x18\x02 \x01(\x05\x12\x15\n\rconcept_count\x18\x03 \x01(\x05\x12\x31\n\x0bitem_scores\x18\x04 \x03(\x0b\x32\x1c.ice.evaluator.v1.ItemScores\"N\n\nItemScores\x12\x0f\n\x07item_id\x18\x01 \x01(\t\x12/\n\x06scores\x18\x02 \x03(\x0b\x32\x1f.ice.evaluator.v1.EncoderScores\"<\n\x11ScoreMasksRequest\x12\x11\n\tpredicted\x18\x01 \x03(\x0c\x12\x14\n\x0cground_truth\x18\x02 \x03(\x0c\"s\n\x12ScoreMasksResponse\x12\x0c\n\x04miou\x18\x01 \x01(\x01\x12\x0e\n\x06recall\x18\x02 \x01(\x01\x12\x11\n\tprecision\x18\x03 \x01(\x01\x12,\n\x07matches\x18\x04 \x03(\x0b\x32\x1b.ice.evaluator.v1.MaskMatch\"M\n\tMaskMatch\x12\x17\n\x0fpredicted_index\x18\x01 \x01(\x05\x12\x1a\n\x12ground_truth_index\x18\x02 \x01(\x05\x12\x0b\n\x03iou\x18\x03 \x01(\x01\"\x16\n\x14GetServerInfoRequest\"@\n\x15GetServerInfoResponse\x12\'\n\x04info\x18\x01 \x01(\x0b\x32\x19.ice.common.v1.ServerInfo*\x9b\x01\n\x0e\x42\x61\x63kgroundFill\x12\x1f\n\x1b\x42\x41\x43KGROUND_FILL_UNSPECIFIED\x10\x00\x12\x19\n\x15\x42\x41\x43KGROUND_FILL_BLACK\x10\x01\x12\x19\n\x15\x42\x41\x43KGROUND_FILL_WHITE\x10\x02\x12\x18\n\x14\x42\x41\x43KGROUND_FILL_GRAY\x10\x03\x12\x18\n\x14\x42\x41\x43KGROUND_FILL_MEAN\x10\x04*>\n\x04\x43rop\x12\x14\n\x10\x43ROP_UNSPECIFIED\x10\x00\x12\r\n\tCROP_NONE\x10\x01\x12\x11\n\rCROP_MASK_BOX\x10\x02*c\n\rAccuracyScope\x12\x1e\n\x1a\x41\x43\x43URACY_SCOPE_UNSPECIFIED\x10\x00\x12\x1a\n\x16\x41\x43\x43URACY_SCOPE_REQUEST\x10\x01\x12\x16\n\x12\x41\x43\x43URACY_SCOPE_SET\x10\x02\x32\xfe\x02\n\x10\x45valuatorService\x12Q\n\x08\x45valuate\x12!.ice.evaluator.v1.EvaluateRequest\x1a\".ice.evaluator.v1.EvaluateResponse\x12\\\n\x0b\x45valuateSet\x12$.ice.evaluator.v1.EvaluateSetRequest\x1a%.ice.evaluator.v1.EvaluateSetResponse(\x01\x12W\n\nScoreMasks\x12#.ice.evaluator.v1.ScoreMasksRequest\x1a$.ice.evaluator.v1.ScoreMasksResponse\x12`\n\rGetServerInfo\x12&.ice.evaluator.v1.GetServerInfoRequest\x1a\'.ice.evaluator.v1.GetServerInfoResponseB\x02P\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n ice/evaluator/v1/evaluator.proto\x12\x10ice.evaluator.v1\x1a\x1aice/common/v1/common.proto\"\xab\x01\n\x0f\x45valuateRequest\x12\x14\n\x0csource_image\x18\x01 \x01(\x0c\x12\x32\n\x08\x63oncepts\x18\x02 \x03(\x0b\x32 .ice.evaluator.v1.ConceptSamples\x12\x1a\n\x12\x63omposition_images\x18\x03 \x03(\x0c\x12\x32\n\x07options\x18\x04 \x01(\x0b\x32!.ice.evaluator.v1.EvaluateOptions\"B\n\x0e\x43onceptSamples\x12\x12\n\nconcept_id\x18\x01 \x01(\t\x12\x0c\n\x04mask\x18\x02 \x01(\x0c\x12\x0e\n\x06images\x18\x03 \x03(\x0c\"\x9c\x01\n\x0f\x45valuateOptions\x12(\n\x08\x65ncoders\x18\x01 \x03(\x0e\x32\x16.ice.common.v1.Encoder\x12\x39\n\x0f\x62\x61\x63kground_fill\x18\x02 \x01(\x0e\x32 .ice.evaluator.v1.BackgroundFill\x12$\n\x04\x63rop\x18\x03 \x01(\x0e\x32\x16.ice.evaluator.v1.Crop\"C\n\x10\x45valuateResponse\x12/\n\x06scores\x18\x01 \x03(\x0b\x32\x1f.ice.evaluator.v1.EncoderScores\"\xa4\x02\n\rEncoderScores\x12\'\n\x07\x65ncoder\x18\x01 \x01(\x0e\x32\x16.ice.common.v1.Encoder\x12\r\n\x05sim_i\x18\x02 \x01(\x01\x12\x12\n\x05sim_c\x18\x03 \x01(\x01H\x00\x88\x01\x01\x12\x0c\n\x04\x61\x63\x63\x31\x18\x04 \x01(\x01\x12\x0c\n\x04\x61\x63\x63\x33\x18\x05 \x01(\x01\x12\x30\n\x08\x63oncepts\x18\x06 \x03(\x0b\x32\x1e.ice.evaluator.v1.ConceptScore\x12\x37\n\x0e\x61\x63\x63uracy_scope\x18\x07 \x01(\x0e\x32\x1f.ice.evaluator.v1.AccuracyScope\x12\x19\n\x11\x63oncepts_in_scope\x18\x08 \x01(\x05\x12\x1b\n\x13sim_c_absent_reason\x18\t \x01(\tB\x08\n\x06_sim_c\"[\n\x0c\x43onceptScore\x12\x12\n\nconcept_id\x18\x01 \x01(\t\x12\r\n\x05sim_i\x18\x02 \x01(\x01\x12\x0c\n\x04\x61\x63\x63\x31\x18\x03 \x01(\x01\x12\x0c\n\x04\x61\x63\x63\x33\x18\x04 \x01(\x01\x12\x0c\n\x04rank\x18\x05 \x01(\x05\"\xc5\x01\n\x12\x45valuateSetRequest\x12\x34\n\x07options\x18\x01 \x01(\x0b\x32!.ice.evaluator.v1.EvaluateOptionsH\x00\x12\x31\n\x04item\x18\x02 \x01(\x0b\x32!.ice.evaluator.v1.EvaluateSetItemH\x00\x12;\n\x0c\x63ontinuation\x18\x03 \x01(\x0b\x32#.ice.evaluator.v1.EvaluateSetImagesH\x00\x42\t\n\x07payload\"7\n\x11\x45valuateSetImages\x12\x12\n\nconcept_id\x18\x01 \x01(\t\x12\x0e\n\x06images\x18\x02 \x03(\x0c\"\x88\x01\n\x0f\x45valuateSetItem\x12\x0f\n\x07item_id\x18\x01 \x01(\t\x12\x14\n\x0csource_image\x18\x02 \x01(\x0c\x12\x32\n\x08\x63oncepts\x18\x03 \x03(\x0b\x32 .ice.evaluator.v1.ConceptSamples\x12\x1a\n\x12\x63omposition_images\x18\x04 \x03(\x0c\"\xa4\x01\n\x13\x45valuateSetResponse\x12/\n\x06scores\x18\x01 \x03(\x0b\x32\x1f.ice.evaluator.v1.EncoderScores\x12\x12\n\nitem_count\x18\x02 \x01(\x05\x12\x15\n\rconcept_count\x18\x03 \x01(\x05\x12\x31\n\x0bitem_scores\x18\x04 \x03(\x0b\x32\x1c.ice.evaluator.v1.ItemScores\"N\n\nItemScores\x12\x0f\n\x07item_id\x18\x01 \x01(\t\x12/\n\x06scores\x18\x02 \x03(\x0b\x32\x1f.ice.evaluator.v1.EncoderScores\"<\n\x11ScoreMasksRequest\x12\x11\n\tpredicted\x18\x01 \x03(\x0c\x12\x14\n\x0cground_truth\x18\x02 \x03(\x0c\"s\n\x12ScoreMasksResponse\x12\x0c\n\x04miou\x18\x01 \x01(\x01\x12\x0e\n\x06recall\x18\x02 \x01(\x01\x12\x11\n\tprecision\x18\x03 \x01(\x01\x12,\n\x07matches\x18\x04 \x03(\x0b\x32\x1b.ice.evaluator.v1.MaskMatch\"M\n\tMaskMatch\x12\x17\n\x0fpredicted_index\x18\x01 \x01(\x05\x12\x1a\n\x12ground_truth_index\x18\x02 \x01(\x05\x12\x0b\n\x03iou\x18\x03 \x01(\x01\"\x16\n\x14GetServerInfoRequest\"@\n\x15GetServerInfoResponse\x12\'\n\x04info\x18\x01 \x01(\x0b\x32\x19.ice.common.v1.ServerInfo*\x9b\x01\n\x0e\x42\x61\x63kgroundFill\x12\x1f\n\x1b\x42\x41\x43KGROUND_FILL_UNSPECIFIED\x10\x00\x12\x19\n\x15\x42\x41\x43KGROUND_FILL_BLACK\x10\x01\x12\x19\n\x15\x42\x41\x43KGROUND_FILL_WHITE\x10\x02\x12\x18\n\x14\x42\x41\x43KGROUND_FILL_GRAY\x10\x03\x12\x18\n\x14\x42\x41\x43KGROUND_FILL_MEAN\x10\x04*>\n\x04\x43rop\x12\x14\n\x10\x43ROP_UNSPECIFIED\x10\x00\x12\r\n\tCROP_NONE\x10\x01\x12\x11\n\rCROP_MASK_BOX\x10\x02*c\n\rAccuracyScope\x12\x1e\n\x1a\x41\x43\x43URACY_SCOPE_UNSPECIFIED\x10\x00\x12\x1a\n\x16\x41\x43\x43URACY_SCOPE_REQUEST\x10\x01\x12\x16\n\x12\x41\x43\x43URACY_SCOPE_SET\x10\x02\x32\xfe\x02\n\x10\x45valuatorService\x12Q\n\x08\x45valuate\x12!.ice.evaluator.v1.EvaluateRequest\x1a\".ice.evaluator.v1.EvaluateResponse\x12\\\n\x0b\x45valuateSet\x12$.ice.evaluator.v1.EvaluateSetRequest\x1a%.ice.evaluator.v1.EvaluateSetResponse(\x01\x12W\n\nScoreMasks\x12#.ice.evaluator.v1.ScoreMasksRequest\x1a$.ice.evaluator.v1.ScoreMasksResponse\x12`\n\rGetServerInfo\x12&.ice.evaluator.v1.GetServerInfoRequest\x1a\'.ice.evaluator.v1.GetServerInfoResponseB\x02P\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -33,12 +33,12 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'ice.evaluator.v1.evaluator_
 if not _descriptor._USE_C_DESCRIPTORS:
   _globals['DESCRIPTOR']._loaded_options = None
   _globals['DESCRIPTOR']._serialized_options = b'P\001'
-  _globals['_BACKGROUNDFILL']._serialized_start=1814
-  _globals['_BACKGROUNDFILL']._serialized_end=1969
-  _globals['_CROP']._serialized_start=1971
-  _globals['_CROP']._serialized_end=2033
-  _globals['_ACCURACYSCOPE']._serialized_start=2035
-  _globals['_ACCURACYSCOPE']._serialized_end=2134
+  _globals['_BACKGROUNDFILL']._serialized_start=1932
+  _globals['_BACKGROUNDFILL']._serialized_end=2087
+  _globals['_CROP']._serialized_start=2089
+  _globals['_CROP']._serialized_end=2151
+  _globals['_ACCURACYSCOPE']._serialized_start=2153
+  _globals['_ACCURACYSCOPE']._serialized_end=2252
   _globals['_EVALUATEREQUEST']._serialized_start=83
   _globals['_EVALUATEREQUEST']._serialized_end=254
   _globals['_CONCEPTSAMPLES']._serialized_start=256
@@ -52,23 +52,25 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_CONCEPTSCORE']._serialized_start=847
   _globals['_CONCEPTSCORE']._serialized_end=938
   _globals['_EVALUATESETREQUEST']._serialized_start=941
-  _globals['_EVALUATESETREQUEST']._serialized_end=1077
-  _globals['_EVALUATESETITEM']._serialized_start=1080
-  _globals['_EVALUATESETITEM']._serialized_end=1216
-  _globals['_EVALUATESETRESPONSE']._serialized_start=1219
-  _globals['_EVALUATESETRESPONSE']._serialized_end=1383
-  _globals['_ITEMSCORES']._serialized_start=1385
-  _globals['_ITEMSCORES']._serialized_end=1463
-  _globals['_SCOREMASKSREQUEST']._serialized_start=1465
-  _globals['_SCOREMASKSREQUEST']._serialized_end=1525
-  _globals['_SCOREMASKSRESPONSE']._serialized_start=1527
-  _globals['_SCOREMASKSRESPONSE']._serialized_end=1642
-  _globals['_MASKMATCH']._serialized_start=1644
-  _globals['_MASKMATCH']._serialized_end=1721
-  _globals['_GETSERVERINFOREQUEST']._serialized_start=1723
-  _globals['_GETSERVERINFOREQUEST']._serialized_end=1745
-  _globals['_GETSERVERINFORESPONSE']._serialized_start=1747
-  _globals['_GETSERVERINFORESPONSE']._serialized_end=1811
-  _globals['_EVALUATORSERVICE']._serialized_start=2137
-  _globals['_EVALUATORSERVICE']._serialized_end=2519
+  _globals['_EVALUATESETREQUEST']._serialized_end=1138
+  _globals['_EVALUATESETIMAGES']._serialized_start=1140
+  _globals['_EVALUATESETIMAGES']._serialized_end=1195
+  _globals['_EVALUATESETITEM']._serialized_start=1198
+  _globals['_EVALUATESETITEM']._serialized_end=1334
+  _globals['_EVALUATESETRESPONSE']._serialized_start=1337
+  _globals['_EVALUATESETRESPONSE']._serialized_end=1501
+  _globals['_ITEMSCORES']._serialized_start=1503
+  _globals['_ITEMSCORES']._serialized_end=1581
+  _globals['_SCOREMASKSREQUEST']._serialized_start=1583
+  _globals['_SCOREMASKSREQUEST']._serialized_end=1643
+  _globals['_SCOREMASKSRESPONSE']._serialized_start=1645
+  _globals['_SCOREMASKSRESPONSE']._serialized_end=1760
+  _globals['_MASKMATCH']._serialized_start=1762
+  _globals['_MASKMATCH']._serialized_end=1839
+  _globals['_GETSERVERINFOREQUEST']._serialized_start=1841
+  _globals['_GETSERVERINFOREQUEST']._serialized_end=1863
+  _globals['_GETSERVERINFORESPONSE']._serialized_start=1865
+  _globals['_GETSERVERINFORESPONSE']._serialized_end=1929
+  _globals['_EVALUATORSERVICE']._serialized_start=2255
+  _globals['_EVALUATORSERVICE']._serialized_end=2637
 # @@protoc_insertion_point(module_scope)

@@ -114,12 +114,22 @@ class ConceptScore(_message.Message):
     def __init__(self, concept_id: _Optional[str] = ..., sim_i: _Optional[float] = ..., acc1: _Optional[float] = ..., acc3: _Optional[float] = ..., rank: _Optional[int] = ...) -> None: ...
 
 class EvaluateSetRequest(_message.Message):
-    __slots__ = ("options", "item")
+    __slots__ = ("options", "item", "continuation")
     OPTIONS_FIELD_NUMBER: _ClassVar[int]
     ITEM_FIELD_NUMBER: _ClassVar[int]
+    CONTINUATION_FIELD_NUMBER: _ClassVar[int]
     options: EvaluateOptions
     item: EvaluateSetItem
-    def __init__(self, options: _Optional[_Union[EvaluateOptions, _Mapping]] = ..., item: _Optional[_Union[EvaluateSetItem, _Mapping]] = ...) -> None: ...
+    continuation: EvaluateSetImages
+    def __init__(self, options: _Optional[_Union[EvaluateOptions, _Mapping]] = ..., item: _Optional[_Union[EvaluateSetItem, _Mapping]] = ..., continuation: _Optional[_Union[EvaluateSetImages, _Mapping]] = ...) -> None: ...
+
+class EvaluateSetImages(_message.Message):
+    __slots__ = ("concept_id", "images")
+    CONCEPT_ID_FIELD_NUMBER: _ClassVar[int]
+    IMAGES_FIELD_NUMBER: _ClassVar[int]
+    concept_id: str
+    images: _containers.RepeatedScalarFieldContainer[bytes]
+    def __init__(self, concept_id: _Optional[str] = ..., images: _Optional[_Iterable[bytes]] = ...) -> None: ...
 
 class EvaluateSetItem(_message.Message):
     __slots__ = ("item_id", "source_image", "concepts", "composition_images")

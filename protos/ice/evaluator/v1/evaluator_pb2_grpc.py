@@ -74,8 +74,8 @@ class EvaluatorServiceServicer:
 
     def EvaluateSet(self, request_iterator, context):
         """Scores a whole set (e.g. the UCE benchmark): the first message carries the options, then one message per
-        source image. Accuracy is measured among all the concepts of the set. Returns once the client closes
-        its side of the stream.
+        source image (followed, for an image too large for one message, by `continuation` messages). Accuracy is
+        measured among all the concepts of the set. Returns once the client closes its side of the stream.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
