@@ -12,7 +12,7 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export HF_HUB_DISABLE_TELEMETRY := 1
 
-.PHONY: help install protos protos-check bundle demo demo-tiny toy-train toy-eval quality test bench lint k8s-validate clean
+.PHONY: help install protos protos-check bundle demo demo-tiny toy-train toy-eval quality test bench scale-check gpu-check lint k8s-validate clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F ':.*## ' '{printf "  make %-13s %s\n", $$1, $$2}'
@@ -90,6 +90,12 @@ k8s-validate: $(STAMPS)/install  ## render every k8s overlay and Job; validate w
 
 bench: $(STAMPS)/install  ## run every benchmark, print ratios, write bench/results/latest.json
 	$(PY) bench/run.py
+
+scale-check: $(STAMPS)/install  ## SD-2.1-size random weights through the 3 services: time + peak memory per stage (~20 min, 20 GB)
+	$(PY) bench/scale_check.py $(SCALE_CHECK_ARGS)
+
+gpu-check: $(STAMPS)/install  ## on a CUDA machine: bf16 train steps/s, Triton vs compiled KL, localizer round, one extraction
+	$(PY) bench/gpu_check.py $(GPU_CHECK_ARGS)
 
 lint: $(STAMPS)/install  ## ruff
 	$(VENV)/bin/ruff check .

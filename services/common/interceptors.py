@@ -36,7 +36,10 @@ HANDLING = Histogram(
     "grpc_server_handling_seconds",
     "Histogram of response latency (seconds) of gRPC that had been application-level handled by the server.",
     _LABELS,
-    buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600),
+    # up to a day: an 11-round Localize at SD-2.1 size on a busy CPU takes ~12 minutes, and a WatchLearningJob
+    # stream or a Generate call of 64 images lasts as long as its work (hours on a CPU)
+    buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1200, 1800, 3600, 7200,
+             14400, 28800, 86400),
 )
 
 # Services that must answer without a token and before the models are loaded (Kubernetes probes, grpcurl).
