@@ -91,11 +91,35 @@ def test_a_proposal_with_no_close_map_is_kept():
     torch.testing.assert_close(merge_step(p, q, 1e-9), p)
 
 
-def test_backend_resolution():
-    assert resolve_backend("auto", "cpu") == "torch"
+def test_backend_resolution(monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    assert resolve_backend("auto", "cpu") == "torch"  # auto: torch off CUDA ...
     assert resolve_backend("torch", "cpu") == "torch"
+    assert resolve_backend("torch", "cuda") == "torch"
+    with pytest.raises(ValueError, match="needs a CUDA device"):  # triton off CUDA is refused ...
+        resolve_backend("triton", "cpu")
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert resolve_backend("triton", "cpu") == "triton"  # ... except under the interpreter
+    assert resolve_backend("auto", "cpu") == "torch"
     with pytest.raises(ValueError):
         resolve_backend("cuda-magic", "cpu")
+
+
+def test_auto_takes_triton_on_cuda_when_it_is_installed(monkeypatch):
+    import builtins
+
+    pytest.importorskip("triton")
+    assert resolve_backend("auto", "cuda") == "triton"
+    assert resolve_backend("auto", "cuda:1") == "triton"
+    real_import = builtins.__import__
+
+    def no_triton(name, *args, **kwargs):
+        if name == "triton" or name.startswith("triton."):
+            raise ImportError("no triton here")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_triton)
+    assert resolve_backend("auto", "cuda") == "torch"  # without Triton, CUDA runs the torch formulation
 
 
 _TRITON_PARITY = textwrap.dedent(
@@ -132,3 +156,50 @@ def test_triton_kernels_match_torch_under_the_interpreter():
     )
     assert result.returncode == 0, result.stderr[-3000:]
     assert "parity ok" in result.stdout
+
+
+_TRITON_LOCALIZE = textwrap.dedent(
+    """
+    import io, sys
+    from PIL import Image
+    from skimage import data
+    from services.common.bundle import Bundle
+    from services.localizer import kl_triton, pipeline
+    from services.localizer.pipeline import Localizer, LocalizeOptions
+
+    bundle = Bundle.open(sys.argv[1])
+    calls = []
+    for name in ("merge_step_triton", "kl_below_triton"):
+        real = getattr(kl_triton, name)
+        setattr(kl_triton, name, (lambda real, name: lambda *a, **k: (calls.append(name), real(*a, **k))[1])(real, name))
+    image = Image.fromarray(data.coffee()).resize((96, 64))
+    options = LocalizeOptions(max_rounds=1, merge_threshold=0.0008, min_area_fraction=0.0)
+    results = {}
+    for backend in ("triton", "torch"):
+        localizer = Localizer(bundle, "cpu", kl_backend=backend)
+        assert localizer.kl_backend == backend
+        before = len(calls)
+        results[backend] = localizer.localize(image, options)
+        print(backend, "kernel calls", len(calls) - before)
+    a, b = results["triton"], results["torch"]
+    agree = float((a.removed == b.removed).mean())
+    print("nouns", [c.noun for c in a.concepts][:3], [c.noun for c in b.concepts][:3])
+    print("agreement", agree, "concepts", len(a.concepts), len(b.concepts))
+    assert a.stop_reason == b.stop_reason and a.rounds == b.rounds
+    assert agree >= 0.99, agree
+    print("localize ok")
+    """
+)
+
+
+def test_one_localize_round_runs_on_the_triton_kernels_under_the_interpreter(tiny_bundle_dir):
+    """The whole loop with `kl_backend="triton"` on the CPU under TRITON_INTERPRET=1, at the tiny bundle's size:
+    the kernels are called and the round removes what the torch formulation removes (to float rounding)."""
+    pytest.importorskip("triton")
+    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(ROOT)}
+    result = subprocess.run([sys.executable, "-c", _TRITON_LOCALIZE, str(tiny_bundle_dir)], env=env, cwd=ROOT,
+                            capture_output=True, text=True, timeout=1800)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
+    assert "localize ok" in result.stdout
+    counts = dict(line.rsplit(" kernel calls ", 1) for line in result.stdout.splitlines() if " kernel calls " in line)
+    assert int(counts["triton"]) >= 2 and int(counts["torch"]) == 0, counts

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import io
 import struct
+import time
 import zlib
 
 import grpc
 import numpy as np
 import pytest
+import torch
 from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 from PIL import Image
@@ -17,7 +19,6 @@ from ice.localizer.v1 import localizer_pb2, localizer_pb2_grpc
 from services.common.server import start_server
 from services.common.settings import LocalizerSettings, from_sources
 from services.localizer.server import SERVICE, build_spec
-from tests.conftest import free_port
 
 # The tiny bundle's random UNet attends almost uniformly (all KL distances ~1e-3): a small merge threshold keeps
 # several segments, so that the noun wins some and masks are produced.
@@ -26,11 +27,10 @@ TINY_OPTIONS = localizer_pb2.LocalizeOptions(merge_threshold=0.0008, min_area_fr
 
 @pytest.fixture(scope="module")
 def stub(tiny_bundle_dir):
-    settings = from_sources(
-        env={}, cls=LocalizerSettings, bundle=tiny_bundle_dir, host="127.0.0.1", port=free_port(), metrics_port=0
-    )
+    settings = from_sources(env={}, cls=LocalizerSettings, bundle=tiny_bundle_dir, host="127.0.0.1", port=-1,
+                            metrics_port=0)
     running = start_server(build_spec(settings), settings)
-    assert running.wait_ready(120), running.load_error
+    assert running.wait_ready(600), running.load_error
     channel = grpc.insecure_channel(f"127.0.0.1:{running.port}")
     yield localizer_pb2_grpc.LocalizerServiceStub(channel)
     channel.close()
@@ -137,11 +137,106 @@ def test_keeps_serving_after_bad_inputs(stub, photo_png):
     assert (ok.width, ok.height) == (600, 400)
 
 
-def test_deadline_is_honoured(stub, photo_png):
-    options = localizer_pb2.LocalizeOptions(max_rounds=32, merge_threshold=0.0008, remaining_fraction_threshold=0.0)
+def _small_png() -> bytes:
+    from skimage import data
+
+    buf = io.BytesIO()
+    Image.fromarray(data.coffee()).resize((96, 64)).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+SMALL = _small_png()
+
+
+def _handled(code: str) -> float:
+    from prometheus_client import REGISTRY
+
+    return REGISTRY.get_sample_value("grpc_server_handled_total", {
+        "grpc_type": "unary", "grpc_service": SERVICE, "grpc_method": "Localize", "grpc_code": code}) or 0.0
+
+
+def test_a_deadline_passing_mid_round_stops_the_loop_on_the_server_before_the_next_round(stub, monkeypatch):
+    """The server checks the call between rounds: a call whose deadline passed during round 1 runs no round 2.
+    A gate in the round's attention pass holds round 1 until the client has given up (no timing involved)."""
+    import threading
+
+    from services.localizer import pipeline
+
+    original = pipeline.capture_attention
+    passes, gate, entered = [], threading.Event(), threading.Event()
+
+    def gated(*args, **kwargs):
+        passes.append(1)
+        entered.set()
+        assert gate.wait(600), "the test never opened the gate"
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(pipeline, "capture_attention", gated)
+    request = localizer_pb2.LocalizeRequest(image=SMALL, options=localizer_pb2.LocalizeOptions(
+        merge_threshold=0.0008, min_area_fraction=0.0, max_rounds=2, remaining_fraction_threshold=0.0))
+    gate.set()
+    uninterrupted = stub.Localize(request, timeout=600)
+    assert uninterrupted.rounds == 2 and len(passes) == 2  # without a deadline this request runs two rounds
+    gate.clear()
+    entered.clear()
+    exceeded = _handled("DEADLINE_EXCEEDED")
+    call = stub.Localize.future(request, timeout=5)
+    assert entered.wait(600)  # round 1 is in the model, held
     with pytest.raises(grpc.RpcError) as info:
-        stub.Localize(localizer_pb2.LocalizeRequest(image=photo_png, options=options), timeout=0.05)
+        call.result()
     assert info.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    gate.set()  # round 1 completes on the server after the client gave up
+    deadline = time.monotonic() + 600
+    while _handled("DEADLINE_EXCEEDED") < exceeded + 1:
+        assert time.monotonic() < deadline, "the server never ended the call"
+        time.sleep(0.02)
+    assert len(passes) == 3, "the server ran round 2 for a call whose deadline had passed"
+
+
+def test_refinement_none_skips_kmeans_and_gives_other_segments(stub, monkeypatch):
+    from services.localizer import segmentor
+
+    calls = []
+    original = segmentor.kmeans
+
+    def counted(*args, **kwargs):
+        calls.append(1)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(segmentor, "kmeans", counted)
+    options = localizer_pb2.LocalizeOptions(merge_threshold=0.0008, min_area_fraction=0.0, max_rounds=1)
+    results = {}
+    for name, value in (("kmeans", localizer_pb2.REFINEMENT_KMEANS), ("none", localizer_pb2.REFINEMENT_NONE),
+                        ("unspecified", localizer_pb2.REFINEMENT_UNSPECIFIED)):
+        options.refinement = value
+        before = len(calls)
+        response = stub.Localize(localizer_pb2.LocalizeRequest(image=SMALL, options=options), timeout=600)
+        results[name] = ([c.mask for c in response.concepts], len(calls) - before)
+    assert results["kmeans"][1] == 1 and results["unspecified"][1] == 1  # one refinement per round (the default)
+    assert results["none"][1] == 0  # NONE: the merged proposals are used as they are
+    assert results["none"][0] != results["kmeans"][0]  # and that changes the segments
+    assert results["unspecified"][0] == results["kmeans"][0]
+
+
+def test_each_stop_reason_is_reported(stub, monkeypatch):
+    from services.localizer import segmentor
+
+    def ask(**options) -> localizer_pb2.LocalizeResponse:
+        return stub.Localize(localizer_pb2.LocalizeRequest(image=SMALL, options=localizer_pb2.LocalizeOptions(
+            merge_threshold=0.0008, min_area_fraction=0.0, **options)), timeout=600)
+
+    capped = ask(max_rounds=1, remaining_fraction_threshold=0.0)  # the round cap, with pixels left
+    assert capped.stop_reason == localizer_pb2.STOP_REASON_MAX_ROUNDS and capped.rounds == 1
+    assert capped.concepts and capped.remaining_fraction > 0
+    # a penalty so large that the lasso keeps no word: no noun to look for (the largest value allowed)
+    wordless = ask(max_rounds=4, l1_penalty=10.0)
+    assert wordless.stop_reason == localizer_pb2.STOP_REASON_NO_NEW_NOUN
+    assert wordless.rounds == 1 and not wordless.concepts and wordless.remaining_fraction == 1.0
+    # every segment voted "things" (the vote forced; the rest of the round is real): the round removes nothing
+    monkeypatch.setattr(segmentor, "vote", lambda labels, maps: torch.ones(int(labels.max()) + 1, dtype=torch.long))
+    stuck = ask(max_rounds=4, remaining_fraction_threshold=0.0)
+    assert stuck.stop_reason == localizer_pb2.STOP_REASON_NO_PROGRESS
+    assert stuck.rounds == 1 and not stuck.concepts and stuck.remaining_fraction == 1.0
 
 
 def test_server_info(stub, tiny_bundle):

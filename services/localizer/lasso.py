@@ -133,6 +133,8 @@ class NonNegLasso:
                 if violating.numel() > grow:
                     violating = violating[torch.topk(-grad[i, violating], grow).indices]
                 idx = torch.unique(torch.cat([work[i], violating]))
+                if not idx.numel():  # no word lowers the objective (a large λ): w = 0 is the solution
+                    continue
                 cw = c[idx]
                 bi = 2.0 * (cw @ zb[i]) - l1_penalty  # exact float64 b on the working set
                 wi = torch.from_numpy(_restricted_qp(
