@@ -57,11 +57,18 @@ def astronaut_png() -> bytes:
 
 
 def free_port() -> int:
+    """A port that was free a moment ago. Only for what must know its port before it binds (a learner replica that
+    advertises its own address); a server binds any free port itself (`port=-1`) and reports the one it bound,
+    and a port where nothing may answer is `refusing_port`."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
 
 
 @pytest.fixture
-def port() -> int:
-    return free_port()
+def refusing_port():
+    """A loopback port that refuses connections while the test runs: bound by this socket, which never listens, so
+    no other process can take it in the meantime."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        yield s.getsockname()[1]

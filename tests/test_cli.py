@@ -47,10 +47,8 @@ def _ice(*args: str, env=None, **kw) -> subprocess.CompletedProcess:
 
 
 # --- error paths --------------------------------------------------------------------------------------------
-def test_service_down_is_one_clear_line_and_exit_3(tmp_path):
-    from conftest import free_port
-
-    port = free_port()
+def test_service_down_is_one_clear_line_and_exit_3(tmp_path, refusing_port):
+    port = refusing_port
     photo = _photo(tmp_path / "p.png")
     done = _ice("localize", str(photo), "--localizer", f"127.0.0.1:{port}")
     assert done.returncode == 3

@@ -43,13 +43,14 @@ class FakeLocalizer(localizer_pb2_grpc.LocalizerServiceServicer):
     def __init__(self):
         self.calls = 0
         self.fail_first = 0  # answer UNAVAILABLE this many times first
-        self.delay = 0.0
+        self.gate = threading.Event()  # a call waits while it is clear (a "slow model", released by the test)
+        self.gate.set()
 
     def Localize(self, request, context):
         self.calls += 1
         if self.calls <= self.fail_first:
             raise Unavailable("warming up")
-        time.sleep(self.delay)
+        self.gate.wait(600)
         img = decode_image(request.image, "image")
         w, h = img.size
         concepts = []
@@ -292,10 +293,10 @@ class FakeIce:
                               lambda s: evaluator_pb2_grpc.add_EvaluatorServiceServicer_to_server(self.evaluator, s)),
         }
         for name, s in specs.items():
-            cfg = from_sources(env={}, **{"host": "127.0.0.1", "port": _free_port(), "metrics_port": 0,
+            cfg = from_sources(env={}, **{"host": "127.0.0.1", "port": -1, "metrics_port": 0,  # any free port
                                           "grace_seconds": 0.0, **settings})
             self.servers[name] = start_server(s, cfg)
-            assert self.servers[name].wait_ready(10)
+            assert self.servers[name].wait_ready(600)
 
     def _register_learner(self, server):
         learner_pb2_grpc.add_LearnerServiceServicer_to_server(self.learner, server)
@@ -310,14 +311,6 @@ class FakeIce:
     def stop(self):
         for s in self.servers.values():
             s.stop(grace=0)
-
-
-def _free_port():
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def png_image(w=96, h=64, seed=0) -> bytes:
@@ -454,9 +447,16 @@ def test_round_robin_spreads_calls_over_every_address():
     try:
         target = f"ipv4:{a.targets()['localizer']},{b.targets()['localizer']}"
         with IceClient(localizer=target) as ice:
+            # round robin picks among the connections that are READY: once both addresses have answered a call,
+            # both are, and calls alternate strictly
+            deadline = time.monotonic() + 600
+            while not (a.localizer.calls and b.localizer.calls):
+                assert time.monotonic() < deadline, "the second address never became ready"
+                ice.localize(png_image(16, 16))
+            first = a.localizer.calls, b.localizer.calls
             for _ in range(6):
                 ice.localize(png_image(16, 16))
-        assert a.localizer.calls >= 2 and b.localizer.calls >= 2
+        assert (a.localizer.calls - first[0], b.localizer.calls - first[1]) == (3, 3)
         with IceClient(localizer=f"dns:///localhost:{a.servers['localizer'].port}") as ice:
             assert len(ice.localize(png_image(16, 16)).concepts) == 2
     finally:
@@ -464,8 +464,8 @@ def test_round_robin_spreads_calls_over_every_address():
         b.stop()
 
 
-def test_unreachable_service_says_which_and_where():
-    port = _free_port()
+def test_unreachable_service_says_which_and_where(refusing_port):
+    port = refusing_port
     with IceClient(localizer=f"127.0.0.1:{port}", config=ChannelConfig(retry=RetryPolicy(max_attempts=2))) as ice:
         with pytest.raises(ServiceUnavailable) as err:
             ice.localize(png_image())
@@ -474,13 +474,14 @@ def test_unreachable_service_says_which_and_where():
 
 
 def test_deadline(fakes):
-    fakes.localizer.delay = 2.0
+    fakes.localizer.gate.clear()  # the call waits until the client has given up
     try:
-        with IceClient(**fakes.targets(), timeout=0.3) as ice, pytest.raises(ServiceError) as err:
+        with IceClient(**fakes.targets(), config=ChannelConfig(timeout=0.3, seconds_per_round=0.0)) as ice, \
+                pytest.raises(ServiceError) as err:
             ice.localize(png_image())
         assert err.value.code == grpc.StatusCode.DEADLINE_EXCEEDED
     finally:
-        fakes.localizer.delay = 0.0
+        fakes.localizer.gate.set()
 
 
 def test_bearer_token_plaintext_and_over_mutual_tls(tmp_path):

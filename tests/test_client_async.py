@@ -14,7 +14,7 @@ import uuid
 import grpc
 import numpy as np
 import pytest
-from test_client import QUICK, FakeIce, _free_port, png_image
+from test_client import QUICK, FakeIce, png_image
 
 from client import AsyncIceClient, ChannelConfig, IceClient, ServiceError, ServiceUnavailable
 from client.channel import RetryPolicy
@@ -185,7 +185,7 @@ def test_bad_input_names_the_field_and_is_not_retried(fakes):
     assert fakes.localizer.calls == before + 1
 
 
-def test_unavailable_is_retried_and_unreachable_says_which(fakes):
+def test_unavailable_is_retried_and_unreachable_says_which(fakes, refusing_port):
     fakes.localizer.calls, fakes.localizer.fail_first = 0, 2
 
     async def localize(**kw):
@@ -197,17 +197,17 @@ def test_unavailable_is_retried_and_unreachable_says_which(fakes):
         assert fakes.localizer.calls == 3
     finally:
         fakes.localizer.fail_first = 0
-    port = _free_port()
+    port = refusing_port
     with pytest.raises(ServiceUnavailable) as err:
         run(localize(localizer=f"127.0.0.1:{port}", config=ChannelConfig(retry=RetryPolicy(max_attempts=2))))
     assert str(err.value).startswith(f"cannot reach the localizer at 127.0.0.1:{port}: ")
 
 
 def test_deadline(fakes):
-    fakes.localizer.delay = 2.0
+    fakes.localizer.gate.clear()  # the call waits until the client has given up
 
     async def go():
-        async with AsyncIceClient(**fakes.targets(), timeout=0.3) as ice:
+        async with AsyncIceClient(**fakes.targets(), config=ChannelConfig(timeout=0.3, seconds_per_round=0.0)) as ice:
             await ice.localize(png_image())
 
     try:
@@ -215,7 +215,7 @@ def test_deadline(fakes):
             run(go())
         assert err.value.code == grpc.StatusCode.DEADLINE_EXCEEDED
     finally:
-        fakes.localizer.delay = 0.0
+        fakes.localizer.gate.set()
 
 
 def test_bearer_token_plaintext_and_over_mutual_tls(tmp_path):

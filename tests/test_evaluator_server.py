@@ -4,8 +4,6 @@ keeps serving afterwards."""
 
 from __future__ import annotations
 
-import socket
-
 import grpc
 import numpy as np
 import pytest
@@ -31,9 +29,9 @@ SIZE = (120, 80)  # width, height of the test source images
 @pytest.fixture(scope="module")
 def running(tiny_bundle_dir):
     settings = from_sources(env={}, cls=EvaluatorSettings, bundle=tiny_bundle_dir, host="127.0.0.1",
-                            port=_free_port(), metrics_port=0, batch_size=4, max_images_per_concept=8)
+                            port=-1, metrics_port=0, batch_size=4, max_images_per_concept=8)
     server = start_server(build_spec(settings), settings)
-    assert server.wait_ready(60), server.load_error
+    assert server.wait_ready(600), server.load_error
     channel = grpc.insecure_channel(f"127.0.0.1:{server.port}")
     yield server, evaluator_pb2_grpc.EvaluatorServiceStub(channel)
     channel.close()
@@ -43,12 +41,6 @@ def running(tiny_bundle_dir):
 @pytest.fixture(scope="module")
 def stub(running):
     return running[1]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def photo(seed: int) -> Image.Image:
@@ -181,6 +173,35 @@ def test_limits_are_resource_exhausted(stub):
     request = good_request()
     request.concepts[1].images.extend([request.concepts[1].images[0]] * 8)  # 9 > max_images_per_concept 8
     assert_refused(lambda: stub.Evaluate(request, timeout=60), grpc.StatusCode.RESOURCE_EXHAUSTED, "concepts[1].images")
+
+
+def test_max_images_per_request_and_max_set_items_are_the_settings_limits(tiny_bundle_dir):
+    """--max-images-per-request (generated + composition images of a request, or of a set's item) and
+    --max-set-items, at values other than their defaults: the limit is exactly the setting."""
+    settings = from_sources(env={}, cls=EvaluatorSettings, bundle=tiny_bundle_dir, host="127.0.0.1", port=-1,
+                            metrics_port=0, batch_size=4, max_images_per_request=6, max_set_items=2)
+    server = start_server(build_spec(settings), settings)
+    try:
+        assert server.wait_ready(600), server.load_error
+        with grpc.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+            limited = evaluator_pb2_grpc.EvaluatorServiceStub(channel)
+            at_limit = good_request()  # 5 generated + 1 composition image
+            assert limited.Evaluate(at_limit, timeout=120).scores
+            over = good_request()
+            over.composition_images.append(over.composition_images[0])
+            assert_refused(lambda: limited.Evaluate(over, timeout=120), grpc.StatusCode.RESOURCE_EXHAUSTED,
+                           "7 images exceed the limit of 6")
+            options = pb.EvaluateSetRequest(options=pb.EvaluateOptions())
+            items = [pb.EvaluateSetRequest(item=it) for it in set_items()]  # 6, 6 and 4 images
+            assert limited.EvaluateSet(iter([options, *items[:2]]), timeout=120).item_count == 2
+            assert_refused(lambda: limited.EvaluateSet(iter([options, *items]), timeout=120),
+                           grpc.StatusCode.RESOURCE_EXHAUSTED, "more than 2 items in one set")
+            heavy = pb.EvaluateSetRequest(item=set_items()[0])
+            heavy.item.composition_images.append(heavy.item.composition_images[0])
+            assert_refused(lambda: limited.EvaluateSet(iter([options, heavy]), timeout=120),
+                           grpc.StatusCode.RESOURCE_EXHAUSTED, "7 images exceed the limit of 6 per item")
+    finally:
+        server.stop(grace=0)
 
 
 # ----------------------------------------------------------------------------------------------------------------
