@@ -6,6 +6,7 @@ from __future__ import annotations
 import datetime as dt
 import ipaddress
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -26,12 +27,9 @@ ROOT = Path(__file__).resolve().parents[2]
 SETTINGS = {"localizer": LocalizerSettings, "learner": LearnerSettings, "evaluator": EvaluatorSettings}
 # Small enough that an oversized message is cheap to build, large enough for every good request of the tests.
 TEST_MAX_MESSAGE_BYTES = 2 * 1024 * 1024
-
-
-def free_port() -> int:
-    from tests.conftest import free_port as _free
-
-    return _free()
+# How long a test waits for something that must happen (a server ready, a job at a step): only ever the bound of a
+# failure, never what decides a pass, so it is generous (a loaded 2-core machine is many times slower than a quiet one).
+PATIENCE = 1800.0
 
 
 def build_spec(service: str):
@@ -45,11 +43,12 @@ def build_spec(service: str):
 
 
 def start_inprocess(service: str, bundle: Path, **overrides) -> RunningServer:
-    values = {"bundle": Path(bundle), "host": "127.0.0.1", "port": free_port(), "metrics_port": 0,
+    # port -1: any free port; the bound one is `RunningServer.port`
+    values = {"bundle": Path(bundle), "host": "127.0.0.1", "port": -1, "metrics_port": 0,
               "max_message_bytes": TEST_MAX_MESSAGE_BYTES, **overrides}
     settings = from_sources(env={}, cls=SETTINGS[service], **values)
     running = start_server(build_spec(service)(settings), settings)
-    assert running.wait_ready(180), f"{service} did not load: {running.load_error}"
+    assert running.wait_ready(PATIENCE), f"{service} did not load: {running.load_error}"
     return running
 
 
@@ -122,26 +121,62 @@ def raw_stream_unary(channel: grpc.Channel, method: str):
 # -- services as subprocesses --------------------------------------------------------------------------------------
 
 
-class ServiceProcess:
-    """`python -m services.<name>` on loopback, for RSS, signals and restarts."""
+BOUND = re.compile(r": listening on (\d+) \(metrics :(\w+), health :(\w+),")
 
-    def __init__(self, service: str, bundle: Path, log_path: Path, *, port: int | None = None,
-                 metrics_port: int = 0, args: Iterable[str] = (), env: dict[str, str] | None = None):
+
+class ServiceProcess:
+    """`python -m services.<name>` on loopback, for RSS, signals and restarts.
+
+    It binds any free port (`--port -1`; the default metrics port, when asked for with metrics_port=-1, is any free
+    port too) and the ports it bound are read back from its log, so nothing races for a port picked beforehand.
+    `port`, `metrics_port` and `channel` are known once `wait_bound` (or `wait_ready`) has returned.
+    With `gate` (a folder), the process runs with a gate in its model call (see tests/reliability/gated.py)."""
+
+    def __init__(self, service: str, bundle: Path, log_path: Path, *, metrics_port: int = 0,
+                 args: Iterable[str] = (), env: dict[str, str] | None = None, gate: Path | None = None):
         self.service = service
-        self.port = port or free_port()
-        self.metrics_port = metrics_port
+        self.port: int | None = None
+        self.metrics_port: int | None = None
+        self.health_port: int | None = None
+        self._channel: grpc.Channel | None = None
         self.log_path = log_path
-        cmd = [sys.executable, "-m", f"services.{service}", "--bundle", str(bundle), "--host", "127.0.0.1",
-               "--port", str(self.port), "--metrics-port", str(metrics_port), *args]
+        run = ([str(ROOT / "tests" / "reliability" / "gated.py"), service] if gate is not None
+               else ["-m", f"services.{service}"])
+        cmd = [sys.executable, *run, "--bundle", str(bundle), "--host", "127.0.0.1",
+               "--port", "-1", "--metrics-port", str(metrics_port), *args]
         full_env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", PYTHONPATH=str(ROOT),
-                        **(env or {}))
+                        **({"ICE_TEST_GATE": str(gate)} if gate is not None else {}), **(env or {}))
+        self._log_start = log_path.stat().st_size if log_path.exists() else 0  # restarts append to one log
         self._log = open(log_path, "ab")
         self.proc = subprocess.Popen(cmd, cwd=ROOT, env=full_env, stdout=self._log, stderr=subprocess.STDOUT)
-        self.channel = grpc.insecure_channel(f"127.0.0.1:{self.port}")
 
-    def wait_ready(self, timeout: float = 120) -> None:
-        stub = health_pb2_grpc.HealthStub(self.channel)
+    @property
+    def channel(self) -> grpc.Channel:
+        assert self._channel is not None, "the port is not known before wait_bound()"
+        return self._channel
+
+    def wait_bound(self, timeout: float = PATIENCE) -> int:
+        """Wait for this process's "listening on" line; set the ports and the channel from it."""
         deadline = time.monotonic() + timeout
+        while self.port is None:
+            with open(self.log_path, "rb") as f:
+                f.seek(self._log_start)
+                found = BOUND.search(f.read().decode(errors="replace"))
+            if found:
+                self.port = int(found.group(1))
+                self.metrics_port = int(found.group(2)) if found.group(2).isdigit() else None
+                self.health_port = int(found.group(3)) if found.group(3).isdigit() else None
+                self._channel = grpc.insecure_channel(f"127.0.0.1:{self.port}")
+                break
+            assert self.proc.poll() is None, f"{self.service} exited: {self.log_tail()}"
+            assert time.monotonic() < deadline, f"{self.service} did not bind: {self.log_tail()}"
+            time.sleep(0.05)
+        return self.port
+
+    def wait_ready(self, timeout: float = PATIENCE) -> None:
+        deadline = time.monotonic() + timeout
+        self.wait_bound(timeout)
+        stub = health_pb2_grpc.HealthStub(self.channel)
         while True:
             assert self.proc.poll() is None, f"{self.service} exited: {self.log_tail()}"
             try:
@@ -157,7 +192,10 @@ class ServiceProcess:
         return rss_kib(self.proc.pid)
 
     def log_text(self) -> str:
-        return self.log_path.read_text(errors="replace")
+        """This process's part of the log (a restart appends to the same file)."""
+        with open(self.log_path, "rb") as f:
+            f.seek(self._log_start)
+            return f.read().decode(errors="replace")
 
     def log_tail(self, n: int = 3000) -> str:
         return self.log_text()[-n:]
@@ -166,7 +204,8 @@ class ServiceProcess:
         self.proc.send_signal(sig)
 
     def stop(self, timeout: float = 60) -> int | None:
-        self.channel.close()
+        if self._channel is not None:
+            self._channel.close()
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
             try:
@@ -178,7 +217,8 @@ class ServiceProcess:
         return self.proc.returncode
 
     def kill(self) -> None:
-        self.channel.close()
+        if self._channel is not None:
+            self._channel.close()
         self.proc.send_signal(signal.SIGKILL)
         self.proc.wait(30)
         self._log.close()
@@ -225,3 +265,26 @@ def make_ca(name: str):
         return key_pem, cert.public_bytes(serialization.Encoding.PEM)
 
     return ca.public_bytes(serialization.Encoding.PEM), issue
+
+
+def wait_for(predicate: Callable[[], object], timeout: float, what: str, every: float = 0.05):
+    """Poll until `predicate()` is truthy and return it; the timeout only bounds a failure, never decides a pass."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        assert time.monotonic() < deadline, what
+        time.sleep(every)
+
+
+def metric(port: int, name: str, **labels) -> float:
+    """The sum of a Prometheus sample over the series that carry `labels`, read from a /metrics port."""
+    import urllib.request
+
+    body = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=30).read().decode()
+    total = 0.0
+    for line in body.splitlines():
+        if line.startswith(name + "{") and all(f'{k}="{v}"' in line for k, v in labels.items()):
+            total += float(line.rsplit(" ", 1)[1])
+    return total

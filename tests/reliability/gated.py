@@ -1,0 +1,68 @@
+"""A real service process with a gate in its model call, so that a test acts while the work is held instead of
+guessing with sleeps how far the work has got.
+
+    python tests/reliability/gated.py SERVICE [service flags ...]     with ICE_TEST_GATE=FOLDER
+
+Everything else is the unchanged `python -m services.SERVICE`. The gate is files in FOLDER (the test writes them):
+
+- localizer: every `Localizer.localize` call first writes `entered-N` (N = 1, 2, ... in this process), then waits
+  while `closed` exists.
+- learner: `Trainer.step(i)` (the step that makes i + 1 steps done), for an i listed in `hold-at` (whitespace
+  separated), writes `held-i` and waits while `closed` exists. Steps done before it were checkpointed as usual.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import runpy
+import sys
+import threading
+import time
+from pathlib import Path
+
+GATE = Path(os.environ["ICE_TEST_GATE"])
+_entries = itertools.count(1)
+_lock = threading.Lock()
+
+
+def _wait_open() -> None:
+    while (GATE / "closed").exists():
+        time.sleep(0.01)
+
+
+def _gate_localizer() -> None:
+    from services.localizer import pipeline
+
+    original = pipeline.Localizer.localize
+
+    def localize(self, *args, **kwargs):
+        with _lock:
+            n = next(_entries)
+        (GATE / f"entered-{n}").touch()
+        _wait_open()
+        return original(self, *args, **kwargs)
+
+    pipeline.Localizer.localize = localize
+
+
+def _gate_learner() -> None:
+    from services.learner import trainer
+
+    original = trainer.Trainer.step
+
+    def step(self, i, *args, **kwargs):
+        hold = GATE / "hold-at"
+        if hold.exists() and str(i) in hold.read_text().split():
+            (GATE / f"held-{i}").touch()
+            _wait_open()
+        return original(self, i, *args, **kwargs)
+
+    trainer.Trainer.step = step
+
+
+if __name__ == "__main__":
+    service = sys.argv[1]
+    {"localizer": _gate_localizer, "learner": _gate_learner}[service]()
+    sys.argv = [f"services.{service}", *sys.argv[2:]]
+    runpy.run_module(f"services.{service}", run_name="__main__", alter_sys=True)
