@@ -5,6 +5,8 @@ checkpoint and computes the same steps: every batch and every noise draw is a fu
 
     vae        AutoencoderKL on scenes (L1 + MSE + a small KL), then its latent scaling factor
     clip       open_clip CLIP, contrastive on (scene, caption) pairs
+    words      the same CLIP continued with a word loss: each image ranks single words (its objects' categories,
+               colours, textures) above distractor words, as the retriever embeds words alone
     dino       ViTModel, DINO self-distillation (student/teacher, centring, sharpening), no labels
     diffusion  CLIPTextModel + UNet2DConditionModel, v-prediction with min-SNR weighting, EMA weights
     bundle     writes the diffusers / open_clip / DINO directories and the vocabulary, runs `ice-bundle
@@ -33,13 +35,13 @@ import torch
 import torch.nn.functional as F
 
 from toyworld import models as M
-from toyworld.captions import caption
+from toyworld.captions import caption, vocabulary_words
 from toyworld.world import IMAGE_SIZE, make_scene
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_WORK = ROOT / "build" / "toyworld"
 DEFAULT_BUNDLE = ROOT / "toyworld" / "bundle"
-STAGES = ("vae", "clip", "dino", "diffusion", "bundle")
+STAGES = ("vae", "clip", "words", "dino", "diffusion", "bundle")
 
 
 @dataclass(frozen=True)
@@ -50,6 +52,7 @@ class Plan:
     vae_steps: int = 1200
     vae_batch: int = 16
     clip_steps: int = 1000
+    clip_word_steps: int = 400
     clip_batch: int = 128
     dino_steps: int = 900
     dino_batch: int = 64
@@ -240,6 +243,85 @@ def train_clip(work: Path, plan: Plan, dev: str) -> dict:
               str(work / "clip" / "open_clip_model.safetensors"), metadata={"format": "pt"})
     (work / "clip" / "open_clip_config.json").write_text(json.dumps(M.CLIP_CONFIG, indent=2) + "\n")
     record["parameters"] = M.n_params(model)
+    return record
+
+
+def train_clip_words(work: Path, plan: Plan, dev: str) -> dict:
+    """CLIP continued with a word loss. The retriever embeds every vocabulary word *alone* (SpLiCE), but captions
+    rarely are one word, so after contrastive training alone a category word sits barely nearer its objects than
+    the other categories do, and untrained distractor words (never in a caption) land anywhere. Here each image
+    also ranks single words of one axis (the 6 categories, 7 colours or 3 textures) against 128 distractor words
+    drawn from the vocabulary, in the retriever's centred geometry: the words of its visible objects are its
+    positives, everything else negatives. The scene-caption contrastive loss continues beside it so that the rest
+    of the embedding is kept."""
+    from open_clip.tokenizer import SimpleTokenizer
+    from safetensors.torch import load_file, save_file
+
+    from toyworld.vocab import vocabulary_rows
+    from toyworld.world import CATEGORIES, COLOURS, TEXTURES
+
+    torch.manual_seed(plan.seed + 5)
+    model = M.build_clip().to(dev)
+    model.load_state_dict(load_file(str(work / "clip" / "open_clip_model.safetensors")))
+    tok = SimpleTokenizer(context_length=M.CLIP_CONFIG["text_cfg"]["context_length"])
+    mean = torch.tensor(M.CLIP_CONFIG["preprocess_cfg"]["mean"], device=dev).view(1, 3, 1, 1)
+    std = torch.tensor(M.CLIP_CONFIG["preprocess_cfg"]["std"], device=dev).view(1, 3, 1, 1)
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-4, weight_decay=0.1, betas=(0.9, 0.98))
+    ckpt = Checkpointer(work / "checkpoints" / "words", {"clip": model}, opt)
+    world_words = list(vocabulary_words())
+    distractors = [w for w, _, _ in vocabulary_rows() if w not in set(world_words)]
+    axes = (("category", list(CATEGORIES)), ("colour", list(COLOURS)), ("texture", list(TEXTURES)))
+
+    def step_fn(step: int) -> dict:
+        x, scenes = scene_batch(plan.seed, step, plan.clip_batch, salt=5)
+        rng = np.random.default_rng([plan.seed, step, 5])
+        texts = [caption(s, rng) for s in scenes]
+        lr = 3e-4 * min(1.0, (step + 1) / 20) * 0.5 * (1 + math.cos(math.pi * step / plan.clip_word_steps))
+        for g in opt.param_groups:
+            g["lr"] = lr
+        pix = ((x.to(dev) + 1) / 2 - mean) / std
+        img = F.normalize(model.encode_image(pix), dim=-1)
+        txt = F.normalize(model.encode_text(tok(texts).to(dev)), dim=-1)
+        scale = model.logit_scale.exp()
+        logits = scale * img @ txt.T
+        same = torch.tensor([[a == b for b in texts] for a in texts], device=dev, dtype=torch.float32)
+        target = same / same.sum(1, keepdim=True)
+        contrastive = 0.5 * (-(target * logits.log_softmax(1)).sum(1).mean()
+                             - (target.T * logits.log_softmax(0)).sum(0).mean())
+        # in the retriever's geometry (SpLiCE): image embeddings minus the image mean, word embeddings minus the
+        # mean over the vocabulary, both re-normalised; the batch's images and the step's words stand for both means
+        negatives = [distractors[i] for i in rng.choice(len(distractors), 128, replace=False)]
+        words = F.normalize(model.encode_text(tok(world_words + negatives).to(dev)), dim=-1)
+        words = F.normalize(words - words.mean(0, keepdim=True), dim=-1)
+        img_c = F.normalize(img - img.mean(0, keepdim=True), dim=-1)
+        word_loss, right = 0.0, []
+        for axis, values in axes:
+            columns = [world_words.index(v) for v in values] + list(range(len(world_words), len(world_words) + 128))
+            wl = scale * img_c @ words[columns].T
+            present = torch.zeros_like(wl)
+            for i, s in enumerate(scenes):
+                for o in s.objects:
+                    present[i, values.index(getattr(o, axis))] = 1.0
+            has = present.sum(1) > 0  # a scene whose objects are all blacked out has no positive
+            t = present[has] / present[has].sum(1, keepdim=True)
+            word_loss = word_loss - (t * wl[has].log_softmax(1)).sum(1).mean() / len(axes)
+            right.append(float(present[has].gather(1, wl[has].argmax(1, keepdim=True)).mean()))
+        loss = contrastive + word_loss
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        with torch.no_grad():
+            model.logit_scale.clamp_(0, math.log(100))
+        return {"contrastive": contrastive.item(), "words": word_loss.item(), "category_top1": right[0],
+                "colour_top1": right[1], "texture_top1": right[2]}
+
+    record = run_loop("words", plan.clip_word_steps, step_fn, ckpt, plan.checkpoint_every,
+                      {"batch": plan.clip_batch, "distractors_per_step": 128})
+    (work / "clip-words").mkdir(parents=True, exist_ok=True)
+    save_file({k: v.detach().contiguous() for k, v in model.state_dict().items()},
+              str(work / "clip-words" / "open_clip_model.safetensors"), metadata={"format": "pt"})
+    (work / "clip-words" / "open_clip_config.json").write_text(json.dumps(M.CLIP_CONFIG, indent=2) + "\n")
     return record
 
 
@@ -472,8 +554,8 @@ def build_bundle(work: Path, out: Path, plan: Plan, record: dict) -> dict:
             make_scene(8_000_000 + k).image.save(mean_dir / f"{k:04d}.png")
     cmd = [sys.executable, "-m", "services.common.bundle_cli", "assemble", "--out", str(out),
            "--diffusion", str(work / "diffusion"),
-           "--open-clip-config", str(work / "clip" / "open_clip_config.json"),
-           "--open-clip-weights", str(work / "clip" / "open_clip_model.safetensors"),
+           "--open-clip-config", str(work / "clip-words" / "open_clip_config.json"),
+           "--open-clip-weights", str(work / "clip-words" / "open_clip_model.safetensors"),
            "--dino", str(work / "dino"), "--vocab", str(vocab_tsv), "--image-mean-from", str(mean_dir),
            "--name", "toyworld", "--version", "1", "--kind", "toyworld", "--precision", "float16", "--copy",
            "--force"]
@@ -515,9 +597,10 @@ def main(argv: list[str] | None = None) -> int:
     record.update({"commit": git_commit(), "device": dev if dev == "cpu" else torch.cuda.get_device_name(0),
                    "cpu_threads": torch.get_num_threads(), "torch": torch.__version__,
                    "plan": plan.__dict__})
-    outputs = {"vae": work / "vae", "clip": work / "clip" / "open_clip_model.safetensors", "dino": work / "dino",
+    outputs = {"vae": work / "vae", "clip": work / "clip" / "open_clip_model.safetensors",
+               "words": work / "clip-words" / "open_clip_model.safetensors", "dino": work / "dino",
                "diffusion": work / "diffusion", "bundle": a.out / "bundle.json"}
-    trainers = {"vae": train_vae, "clip": train_clip, "dino": train_dino, "diffusion": train_diffusion}
+    trainers = {"vae": train_vae, "clip": train_clip, "words": train_clip_words, "dino": train_dino, "diffusion": train_diffusion}
     for stage in stages:
         if outputs[stage].exists() and stage not in a.force:
             say(f"{stage}: done already ({outputs[stage]}); --force {stage} re-runs it")
