@@ -630,7 +630,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("serve", help="run the three services locally (development); Ctrl-C stops them")
     p.add_argument("--bundle", type=Path, required=True)
     p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--ports", type=int, nargs=3, default=[50051, 50052, 50053], metavar=("LOC", "LEARN", "EVAL"))
+    p.add_argument("--ports", type=int, nargs=3, default=[50051, 50052, 50053], metavar=("LOC", "LEARN", "EVAL"),
+                   help="gRPC ports; 0 = any free port (the ports bound are printed)")
     p.add_argument("--job-store", type=Path, help="the learner's job store (default: under the log folder)")
     p.add_argument("--log-dir", type=Path)
     p.add_argument("--start-timeout", type=float, default=300.0)

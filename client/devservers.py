@@ -2,12 +2,15 @@
 
 Each runs `python -m services.<name> --bundle DIR --host 127.0.0.1 --port N` in its own session (a Ctrl-C
 in the terminal reaches only us; we then stop them in order), logs to `<log_dir>/<name>.log`, and counts as
-started once its `readiness` health check answers SERVING (the bundle is loaded).
+started once its `readiness` health check answers SERVING (the bundle is loaded). A port left out (or 0) is any
+free port: the service binds it (`--port -1`) and the port it bound is read back from its log, so nothing races
+for a port picked beforehand.
 """
 
 from __future__ import annotations
 
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -21,6 +24,7 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 SERVICES = ("localizer", "learner", "evaluator")
+_BOUND = re.compile(r": listening on (\d+) ")
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -36,19 +40,20 @@ class ServicesFailed(RuntimeError):
 @dataclass
 class DevServices:
     bundle: Path
-    ports: dict[str, int] = field(default_factory=dict)  # missing ports: free ones are picked
+    ports: dict[str, int] = field(default_factory=dict)  # missing (or 0): any free port, read back once bound
     host: str = "127.0.0.1"
     job_store: Path | None = None  # the learner's job store; default: a folder under log_dir
     log_dir: Path | None = None  # default: a temporary folder
     extra_args: dict[str, list[str]] = field(default_factory=dict)
     processes: dict[str, subprocess.Popen] = field(default_factory=dict)
+    _log_start: dict[str, int] = field(default_factory=dict)
 
     def targets(self) -> dict[str, str]:
         return {name: f"{self.host}:{self.ports[name]}" for name in SERVICES}
 
     def command(self, name: str) -> list[str]:
         args = [sys.executable, "-m", f"services.{name}", "--bundle", str(self.bundle), "--host", self.host,
-                "--port", str(self.ports[name]), "--metrics-port", "0"]
+                "--port", str(self.ports.get(name) or -1), "--metrics-port", "0"]
         if name == "learner":
             args += ["--job-store", str(self.job_store)]
         return args + self.extra_args.get(name, [])
@@ -58,13 +63,14 @@ class DevServices:
         self.log_dir = Path(self.log_dir or tempfile.mkdtemp(prefix="ice-serve-"))
         self.log_dir.mkdir(parents=True, exist_ok=True)
         self.job_store = Path(self.job_store or self.log_dir / "jobs")
-        for name in SERVICES:
-            self.ports.setdefault(name, free_port(self.host))
+        self.ports = {name: port for name, port in self.ports.items() if port}
         env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
         repo_root = str(Path(__file__).resolve().parent.parent)
         env["PYTHONPATH"] = os.pathsep.join(p for p in (repo_root, env.get("PYTHONPATH")) if p)
         try:
             for name in SERVICES:
+                self._log_start[name] = (self.log_dir / f"{name}.log").stat().st_size \
+                    if (self.log_dir / f"{name}.log").exists() else 0
                 log = open(self.log_dir / f"{name}.log", "ab")
                 self.processes[name] = subprocess.Popen(self.command(name), stdout=log, stderr=subprocess.STDOUT,
                                                         stdin=subprocess.DEVNULL, env=env, start_new_session=True)
@@ -83,7 +89,9 @@ class DevServices:
                 code = self.processes[name].poll()
                 if code is not None:
                     raise ServicesFailed(f"the {name} exited with code {code} while starting:\n{self.log_tail(name)}")
-                if _ready(self.targets()[name]):
+                if name not in self.ports:
+                    self._read_port(name)
+                if name in self.ports and _ready(f"{self.host}:{self.ports[name]}"):
                     pending.discard(name)
             if pending and time.monotonic() > deadline:
                 names = ", ".join(sorted(pending))
@@ -91,6 +99,14 @@ class DevServices:
                                      + "\n".join(self.log_tail(n) for n in sorted(pending)))
             if pending:
                 time.sleep(0.5)
+
+    def _read_port(self, name: str) -> None:
+        """The port a service started with `--port -1` bound, from its log (this start's part of it)."""
+        with open(self.log_dir / f"{name}.log", "rb") as f:
+            f.seek(self._log_start.get(name, 0))
+            found = _BOUND.search(f.read().decode(errors="replace"))
+        if found:
+            self.ports[name] = int(found.group(1))
 
     def log_tail(self, name: str, lines: int = 20) -> str:
         path = self.log_dir / f"{name}.log" if self.log_dir else None
