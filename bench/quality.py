@@ -179,6 +179,19 @@ def multi_object_scenes(first: int, count: int) -> list:
     return out
 
 
+@dataclass
+class _Given:
+    concepts: list
+
+
+def true_concepts(scene) -> _Given:
+    """The scene's true masks and categories in the shape of a localization, for stage 2 alone."""
+    from client.types import Concept
+
+    return _Given([Concept(f"c{i}", o.category, float(o.mask.mean()), 0, [], png_mask(o.mask))
+                   for i, o in enumerate(scene.objects)])
+
+
 def png_mask(mask) -> bytes:
     from PIL import Image
 
@@ -277,13 +290,17 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="bench/quality.py", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--bundle", type=Path, default=DEFAULT_BUNDLE)
-    p.add_argument("--out", type=Path, default=DEFAULT_OUT)
+    p.add_argument("--out", type=Path, default=None,
+                   help="results file (default bench/results/quality.json, or quality-true-masks.json)")
     p.add_argument("--scenes", type=int, default=6, help="held-out scenes with two or three objects")
     p.add_argument("--first-scene", type=int, default=100, help="the scenes are the first ones from here on")
     p.add_argument("--rows", default=",".join(ROWS), help="comma-separated ablation rows")
     p.add_argument("--images", type=int, default=IMAGES, help="images per prompt")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--quick", action="store_true", help="2 scenes, a short schedule, full ICE only (minutes)")
+    p.add_argument("--concepts", choices=("stage1", "truth"), default="stage1",
+                   help="what stage 2 learns from: stage 1's masks and nouns (the whole method, default) or the "
+                        "true masks and categories (stage 2 alone, every object counted)")
     p.add_argument("--parallel", type=int, default=2,
                    help="sets of services running rows side by side, one CPU thread each (default 2: two cores)")
     a = p.parse_args(argv)
@@ -292,6 +309,8 @@ def main(argv: list[str] | None = None) -> int:
     if a.quick:
         a.scenes, schedule, a.images = 2, QUICK_SCHEDULE, 2
         rows = ["full"] if a.rows == ",".join(ROWS) else rows
+    if a.out is None:
+        a.out = DEFAULT_OUT if a.concepts == "stage1" else DEFAULT_OUT.with_name("quality-true-masks.json")
     unknown = [r for r in rows if r not in ROWS]
     if unknown:
         p.error(f"unknown rows {unknown}; known: {', '.join(ROWS)}")
@@ -306,7 +325,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"[quality {time.perf_counter() - t_start:6.0f}s] {msg}", flush=True)
 
     scenes = multi_object_scenes(a.first_scene, a.scenes)
-    work = ROOT / "build" / "quality"
+    work = ROOT / "build" / ("quality" if a.concepts == "stage1" else "quality-true-masks")
     workers = max(1, min(a.parallel, len(rows)))
     if workers > 1:  # services side by side: one intra-op thread each, or they fight over the same cores
         os.environ["OMP_NUM_THREADS"] = "1"
@@ -322,6 +341,8 @@ def main(argv: list[str] | None = None) -> int:
         bundle = clients[0].server_info("learner").get("bundle", {})
         log(f"stage 1 on {len(scenes)} held-out scenes")
         localizations, results["stage_one"] = stage_one(clients[0], scenes)
+        if a.concepts == "truth":
+            localizations = [true_concepts(scene) for _, scene in scenes]
         log("stage 1: " + ", ".join(f"{k} {v}" for k, v in results["stage_one"].items() if k != "per_scene"))
         pending = list(rows)
         lock = threading.Lock()
@@ -375,6 +396,7 @@ def main(argv: list[str] | None = None) -> int:
         "machine": f"{platform.machine()} CPU ({platform.processor() or 'unknown'}), 2 cores",
         "commit": git_commit(), "date": time.strftime("%Y-%m-%d %H:%M"), "bundle": bundle,
         "scenes": [k for k, _ in scenes], "quick": a.quick, "images_per_prompt": a.images,
+        "stage_two_learns_from": "the true masks and categories" if a.concepts == "truth" else "stage 1's output",
         "schedule": (QUICK_SCHEDULE if a.quick else SCHEDULE).set_fields(),
         "rows": table, "full_vs_ablation": comparisons,
         "wall_seconds": round(time.perf_counter() - t_start, 1),
