@@ -1,5 +1,5 @@
 """ToyWorld: the world is exact and deterministic, its classifiers read it exactly, training resumes after a kill,
-and the committed bundle is complete (its quality: tests/test_toyworld_quality.py)."""
+and the committed bundle is complete and localizes a held-out scene (more: tests/test_toyworld_quality.py)."""
 
 from __future__ import annotations
 
@@ -201,3 +201,18 @@ def test_committed_bundle_is_complete_and_small(toy_bundle):
     recommended = toy_bundle.recommended("localize")
     assert 0 < recommended["merge_threshold"] < 1.1  # calibrated for this UNet's flat attention
     assert (TOY_BUNDLE.parent / "training.json").is_file()
+
+
+def test_committed_bundle_localizes_a_held_out_scene(toy_bundle):
+    """Stage 1 on a fixed held-out scene (a red ball and a green checkered heart): the largest object's category is
+    retrieved and its mask found (IoU ≥ 0.5; measured 0.58)."""
+    from services.evaluator.masks import score_masks
+    from services.localizer.pipeline import Localizer
+
+    scene = held_out_scene(13)
+    result = Localizer(toy_bundle).localize(scene.image)
+    largest = scene.objects[0]
+    nouns = [c.noun for c in result.concepts]
+    assert largest.category in nouns, (nouns, [o.phrase() for o in scene.objects])
+    best = max(score_masks([c.mask], [largest.mask]).miou for c in result.concepts if c.noun == largest.category)
+    assert best >= 0.5

@@ -205,7 +205,7 @@ def main(argv: list[str] | None = None) -> int:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--bundle", type=Path, default=DEFAULT_BUNDLE)
     p.add_argument("--out", type=Path, default=DEFAULT_OUT)
-    p.add_argument("--scenes", type=int, default=30, help="held-out scenes for stage 1")
+    p.add_argument("--scenes", type=int, default=60, help="held-out scenes for stage 1")
     p.add_argument("--images-per-prompt", type=int, default=2)
     p.add_argument("--seen-combos", type=int, default=48, help="seen combinations sampled for generation")
     p.add_argument("--quick", action="store_true", help="a few of everything (minutes)")
