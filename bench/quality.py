@@ -320,6 +320,7 @@ def main(argv: list[str] | None = None) -> int:
     from toyworld.train import git_commit
 
     t_start = time.perf_counter()
+    commit = git_commit()  # the code that runs, not what the tree holds when it ends
 
     def log(msg: str) -> None:
         print(f"[quality {time.perf_counter() - t_start:6.0f}s] {msg}", flush=True)
@@ -394,7 +395,7 @@ def main(argv: list[str] | None = None) -> int:
                 [tuple(s.counts.get(m, (0, 0))) for s in raw[name]["per_scene"]], rng) for m in METRICS}
     results.update({
         "machine": f"{platform.machine()} CPU ({platform.processor() or 'unknown'}), 2 cores",
-        "commit": git_commit(), "date": time.strftime("%Y-%m-%d %H:%M"), "bundle": bundle,
+        "commit": commit, "date": time.strftime("%Y-%m-%d %H:%M"), "bundle": bundle,
         "scenes": [k for k, _ in scenes], "quick": a.quick, "images_per_prompt": a.images,
         "stage_two_learns_from": "the true masks and categories" if a.concepts == "truth" else "stage 1's output",
         "schedule": (QUICK_SCHEDULE if a.quick else SCHEDULE).set_fields(),
