@@ -198,6 +198,14 @@ def save_sheet(images: list, path: Path, columns: int = 12) -> None:
     sheet.save(path)
 
 
+def _shown(path: Path) -> str:
+    """A path as the results show it: relative to the repository when inside it (no build-machine paths)."""
+    try:
+        return str(path.resolve().relative_to(Path(__file__).resolve().parents[1]))
+    except ValueError:
+        return path.name
+
+
 def main(argv: list[str] | None = None) -> int:
     from services.common.bundle import Bundle
 
@@ -217,7 +225,7 @@ def main(argv: list[str] | None = None) -> int:
     rng = np.random.default_rng(0)
     from toyworld.train import git_commit
 
-    result: dict = {"bundle": {"name": bundle.name, "digest": bundle.digest, "path": str(a.bundle)},
+    result: dict = {"bundle": {"name": bundle.name, "digest": bundle.digest, "path": _shown(a.bundle)},
                     "machine": f"{platform.machine()} CPU, {torch.get_num_threads()} threads"
                     + (f", {torch.cuda.get_device_name(0)}" if torch.cuda.is_available() else ""),
                     "commit": git_commit(), "date": time.strftime("%Y-%m-%d"), "quick": a.quick}

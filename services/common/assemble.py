@@ -397,9 +397,20 @@ def diffusion_summary(diff_dir: Path) -> dict:
     }
 
 
+def drop_source_paths(root: Path) -> None:
+    """diffusers and transformers record where a model was loaded from (`_name_or_path`) in its config: a path
+    on the machine that built the bundle, meaningless elsewhere. A bundle names no such path."""
+    for config in sorted(Path(root).rglob("config.json")):
+        data = json.loads(config.read_text(encoding="utf-8"))
+        if isinstance(data, dict) and "_name_or_path" in data:
+            del data["_name_or_path"]
+            config.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+
+
 def write_bundle_json(
     root: Path, *, name: str, version: str, kind: str, precision: str, components: dict
 ) -> dict:
+    drop_source_paths(root)
     files = B.file_table(root)
     info = {
         "format_version": B.FORMAT_VERSION,
