@@ -20,6 +20,9 @@ class ResumingTrainer:
     def __init__(self, bundle, spec, work_dir, *, on_step, on_phase, **_):
         self.on_step, self.on_phase = on_step, on_phase
 
+    def release(self) -> None:
+        """Nothing to free (the real Trainer drops its models here once the job ends)."""
+
     def run(self, resume: bool = True) -> TrainResult:
         assert resume
         self.on_phase("preparing")
