@@ -230,7 +230,9 @@ def test_batch_interrupted_then_resumed_redoes_nothing_and_loses_nothing(tmp_pat
         _photo(photos / f"{name}.png", seed=i)
     (photos / "z_bad.png").write_text("not an image")  # the localizer refuses it: a failed item, not a crash
     out = tmp_path / "out"
-    fakes.learner.step_seconds = 0.25
+    # 5 steps of 1 s per item: the 3 items left after the second one finishes take 15 s, ample time for the
+    # signal even on a loaded machine (at 0.25 s a starved test process saw the batch end first)
+    fakes.learner.step_seconds = 1.0
     try:
         args = [sys.executable, "-m", "client", "batch", str(photos), "--out", str(out), "--concurrency", "1",
                 *QUICK, *_targets(fakes)]
