@@ -167,6 +167,7 @@ class AsyncIceClient(ClientCore):
         closes (UNAVAILABLE) is re-opened for as long as the job runs, as `IceClient.watch` does."""
         resume = Resume(self.config, timeout)
         name = Job.of(job).name
+        finished = False
         while True:
             job, channel, address = self._job_route(job)
             request = learner_pb2.WatchLearningJobRequest(name=name)
@@ -179,8 +180,10 @@ class AsyncIceClient(ClientCore):
                         progress = M.watch_progress(r)
                         if resume.fresh(progress):
                             yield progress
-                        if progress.done:
-                            return
+                        # read the stream to its end: leaving it at the final update would cancel the call
+                        finished = finished or progress.done
+                    if finished:
+                        return
             except ServiceError as error:
                 delay = resume.after_error(error)
                 if delay is None:
