@@ -56,6 +56,14 @@ def astronaut_png() -> bytes:
     return _png_bytes(data.astronaut())
 
 
+def interruptible() -> None:
+    """`preexec_fn` for a child the test stops with SIGINT (Ctrl-C): a shell running the suite in the background
+    starts it with SIGINT ignored, which Python would inherit and never turn into KeyboardInterrupt."""
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def free_port() -> int:
     """A port that was free a moment ago. Only for what must know its port before it binds (a learner replica that
     advertises its own address); a server binds any free port itself (`port=-1`) and reports the one it bound,

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import interruptible
 from PIL import Image
 
 from client.cli import main
@@ -236,7 +237,7 @@ def test_batch_interrupted_then_resumed_redoes_nothing_and_loses_nothing(tmp_pat
     try:
         args = [sys.executable, "-m", "client", "batch", str(photos), "--out", str(out), "--concurrency", "1",
                 *QUICK, *_targets(fakes)]
-        batch = subprocess.Popen(args, cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)},
+        batch = subprocess.Popen(args, cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)}, preexec_fn=interruptible,
                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         deadline = time.monotonic() + 90
         while len(list(out.glob("*/.done"))) < 2:

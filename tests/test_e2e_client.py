@@ -62,7 +62,7 @@ def _port_open(port: int) -> bool:
 
 @pytest.fixture(scope="module")
 def served(tiny_bundle_dir, tmp_path_factory):
-    from conftest import free_port
+    from conftest import free_port, interruptible
 
     ports = [free_port() for _ in range(3)]
     logs = tmp_path_factory.mktemp("serve-logs")
@@ -70,7 +70,7 @@ def served(tiny_bundle_dir, tmp_path_factory):
         [sys.executable, "-m", "client", "serve", "--bundle", str(tiny_bundle_dir), "--ports", *map(str, ports),
          "--log-dir", str(logs), "--json"],
         cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)}, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-        text=True)
+        text=True, preexec_fn=interruptible)
     lines = []
     for line in serve.stdout:  # the JSON document ends with a line "}" once every service is ready
         lines.append(line)
