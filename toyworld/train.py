@@ -200,6 +200,18 @@ def train_vae(work: Path, plan: Plan, dev: str) -> dict:
 # stage 2: CLIP
 
 
+def clip_contrastive(model, tok, pix: torch.Tensor, texts: list[str]):
+    """(normalised image embeddings, logits, symmetric InfoNCE loss) of a batch of (image, caption) pairs.
+    Captions can repeat within a batch ("ball"): identical texts are all positives of each other."""
+    img = F.normalize(model.encode_image(pix), dim=-1)
+    txt = F.normalize(model.encode_text(tok(texts).to(pix.device)), dim=-1)
+    logits = model.logit_scale.exp() * img @ txt.T
+    same = torch.tensor([[a == b for b in texts] for a in texts], device=pix.device, dtype=torch.float32)
+    target = same / same.sum(1, keepdim=True)
+    loss = 0.5 * (-(target * logits.log_softmax(1)).sum(1).mean() - (target.T * logits.log_softmax(0)).sum(0).mean())
+    return img, logits, loss
+
+
 def train_clip(work: Path, plan: Plan, dev: str) -> dict:
     from open_clip.tokenizer import SimpleTokenizer
 
@@ -218,14 +230,7 @@ def train_clip(work: Path, plan: Plan, dev: str) -> dict:
         lr = 1e-3 * min(1.0, (step + 1) / 100) * 0.5 * (1 + math.cos(math.pi * step / plan.clip_steps))
         for g in opt.param_groups:
             g["lr"] = lr
-        pix = ((x.to(dev) + 1) / 2 - mean) / std
-        img = F.normalize(model.encode_image(pix), dim=-1)
-        txt = F.normalize(model.encode_text(tok(texts).to(dev)), dim=-1)
-        logits = model.logit_scale.exp() * img @ txt.T
-        # captions can repeat within a batch ("ball"): identical texts are all positives of each other
-        same = torch.tensor([[a == b for b in texts] for a in texts], device=dev, dtype=torch.float32)
-        target = same / same.sum(1, keepdim=True)
-        loss = 0.5 * (-(target * logits.log_softmax(1)).sum(1).mean() - (target.T * logits.log_softmax(0)).sum(0).mean())
+        _, logits, loss = clip_contrastive(model, tok, ((x.to(dev) + 1) / 2 - mean) / std, texts)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -279,15 +284,8 @@ def train_clip_words(work: Path, plan: Plan, dev: str) -> dict:
         lr = 3e-4 * min(1.0, (step + 1) / 20) * 0.5 * (1 + math.cos(math.pi * step / plan.clip_word_steps))
         for g in opt.param_groups:
             g["lr"] = lr
-        pix = ((x.to(dev) + 1) / 2 - mean) / std
-        img = F.normalize(model.encode_image(pix), dim=-1)
-        txt = F.normalize(model.encode_text(tok(texts).to(dev)), dim=-1)
+        img, _, contrastive = clip_contrastive(model, tok, ((x.to(dev) + 1) / 2 - mean) / std, texts)
         scale = model.logit_scale.exp()
-        logits = scale * img @ txt.T
-        same = torch.tensor([[a == b for b in texts] for a in texts], device=dev, dtype=torch.float32)
-        target = same / same.sum(1, keepdim=True)
-        contrastive = 0.5 * (-(target * logits.log_softmax(1)).sum(1).mean()
-                             - (target.T * logits.log_softmax(0)).sum(0).mean())
         # in the retriever's geometry (SpLiCE): image embeddings minus the image mean, word embeddings minus the
         # mean over the vocabulary, both re-normalised; the batch's images and the step's words stand for both means
         negatives = [distractors[i] for i in rng.choice(len(distractors), 128, replace=False)]
