@@ -3,6 +3,8 @@
 1. Generation ceiling: single-object prompts with the world's own words ("a red striped ball"), on combinations
    seen in training and on the held-out ones, judged by the procedural classifiers (colour, category, texture).
 2. CLIP zero-shot accuracy on single objects (category, colour, texture), and a DINO nearest-neighbour check.
+   The retriever's geometry: on held-out scenes, how often a true category is among the three vocabulary nouns
+   nearest the image in the centred space stage 1 retrieves in (`--compare-clip` measures another CLIP there).
 3. Stage 1 on held-out test scenes through the localizer's own code with the bundle's recommended options: noun
    recall and precision against the true categories, mask mIoU / recall / precision with the evaluator's own
    matching, and the foreground adjusted Rand index.
@@ -132,6 +134,45 @@ def dino_neighbours(bundle, rng: np.random.Generator) -> dict:
     return out
 
 
+@torch.no_grad()
+def retriever_nouns(bundle, n_scenes: int, clip_weights: Path | None = None) -> dict:
+    """Top-3 noun recall in the retriever's centred geometry (SpLiCE's): every vocabulary word embedded alone and
+    centred, the image embedding centred by the image mean; a true category counts when it is among the three
+    nouns nearest the whole scene. With `clip_weights` (same config as the bundle's CLIP, e.g. a checkpoint of
+    the training run), the dictionary and the image mean are recomputed for that CLIP the way the bundle's were."""
+    from services.common.assemble import compute_image_mean, compute_text_dictionary
+    from toyworld.world import make_scene
+
+    model, preprocess, tokenize = bundle.load_clip()
+    vocab = bundle.load_vocabulary()
+    text, mean = vocab.text.float(), vocab.image_mean.float()
+    if clip_weights is not None:
+        import copy
+
+        from safetensors.torch import load_file
+
+        model = copy.deepcopy(model)
+        model.load_state_dict(load_file(str(clip_weights)))
+        model.float().eval()
+        text = compute_text_dictionary(model, tokenize, list(vocab.words)).float()
+        # the bundle stage's mean images: training scenes 8,000,000 + k
+        mean = compute_image_mean(model, preprocess, (make_scene(8_000_000 + k).image for k in range(512)))
+    nouns = torch.nonzero(vocab.nouns_mask()).flatten()
+    hits = first = total = 0
+    for k in range(n_scenes):
+        scene = held_out_scene(k)
+        z = torch.nn.functional.normalize(model.encode_image(preprocess(scene.image)[None]).float(), dim=-1)[0]
+        z = torch.nn.functional.normalize(z - mean, dim=-1)
+        sims = text[nouns] @ z
+        top = [vocab.words[int(nouns[i])] for i in torch.topk(sims, 3).indices]
+        truth = {o.category for o in scene.objects}
+        hits += len(truth & set(top))
+        first += top[0] in truth
+        total += len(truth)
+    return {"scenes": n_scenes, "objects": total, "clip": "bundle" if clip_weights is None else _shown(clip_weights),
+            "top3_noun_recall": round(hits / max(total, 1), 4), "nearest_noun_correct": round(first / n_scenes, 4)}
+
+
 def fg_ari(truth: np.ndarray, predicted: np.ndarray) -> float:
     """Adjusted Rand index over the foreground pixels of the truth (the object-centric learning convention)."""
     from sklearn.metrics import adjusted_rand_score
@@ -148,7 +189,7 @@ def stage_one(bundle, n_scenes: int) -> dict:
     localizer = Localizer(bundle)
     per_mask = []
     tp = n_pred = n_true = 0
-    aris, rounds, seconds, per_scene = [], [], [], []
+    aris, rounds, seconds, per_scene, first_right = [], [], [], [], []
     for k in range(n_scenes):
         scene = held_out_scene(k)
         t0 = time.perf_counter()
@@ -157,6 +198,7 @@ def stage_one(bundle, n_scenes: int) -> dict:
         rounds.append(result.rounds)
         truth_nouns = {o.category for o in scene.objects}
         pred_nouns = {c.noun for c in result.concepts}
+        first_right.append(bool(result.concepts) and result.concepts[0].noun in truth_nouns)
         tp += len(truth_nouns & pred_nouns)
         n_true += len(truth_nouns)
         n_pred += len(pred_nouns)
@@ -176,6 +218,8 @@ def stage_one(bundle, n_scenes: int) -> dict:
         "scenes": n_scenes, "objects": int(iou.size),
         "options": {k: v for k, v in localizer.defaults.__dict__.items()},
         "noun_recall": round(tp / max(n_true, 1), 4), "noun_precision": round(tp / max(n_pred, 1), 4),
+        "first_noun_correct": round(float(np.mean(first_right)), 4),
+        "stop_reasons": {r: sum(p["stop"] == r for p in per_scene) for r in sorted({p["stop"] for p in per_scene})},
         "mask_miou": round(float(np.nanmean(iou)), 4), "mask_recall": round(float(np.nanmean(recall)), 4),
         "mask_precision": round(float(np.nanmean(precision)), 4),
         "fg_ari": round(float(np.nanmean(aris)), 4),
@@ -217,6 +261,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--images-per-prompt", type=int, default=2)
     p.add_argument("--seen-combos", type=int, default=48, help="seen combinations sampled for generation")
     p.add_argument("--quick", action="store_true", help="a few of everything (minutes)")
+    p.add_argument("--compare-clip", type=Path, default=None, metavar="SAFETENSORS",
+                   help="also measure the retriever's noun geometry with these CLIP weights (the bundle's config)")
     a = p.parse_args(argv)
     if a.quick:
         a.scenes, a.images_per_prompt, a.seen_combos = 12, 1, 12
@@ -236,6 +282,9 @@ def main(argv: list[str] | None = None) -> int:
     print("toy-eval: CLIP zero-shot, DINO neighbours ...", flush=True)
     result["clip_zero_shot"] = clip_zero_shot(bundle, rng)
     result["dino_nearest_neighbour"] = dino_neighbours(bundle, rng)
+    result["retriever_nouns"] = retriever_nouns(bundle, a.scenes)
+    if a.compare_clip is not None:
+        result["retriever_nouns_compared"] = retriever_nouns(bundle, a.scenes, a.compare_clip)
     print(f"toy-eval: stage 1 on {a.scenes} held-out scenes ...", flush=True)
     result["stage_one"] = stage_one(bundle, a.scenes)
     result["wall_seconds"] = round(time.perf_counter() - t0, 1)
@@ -249,9 +298,14 @@ def main(argv: list[str] | None = None) -> int:
     print(f"CLIP zero-shot        category {c['category']:.2f}  colour {c['colour']:.2f}  texture {c['texture']:.2f}")
     d = result["dino_nearest_neighbour"]
     print(f"DINO 1-NN             category {d['category']:.2f}  colour {d['colour']:.2f}  texture {d['texture']:.2f}")
+    for key in ("retriever_nouns", "retriever_nouns_compared"):
+        if key in result:
+            r = result[key]
+            print(f"retriever ({r['clip']}) top-3 noun recall {r['top3_noun_recall']:.2f}  "
+                  f"nearest noun right {r['nearest_noun_correct']:.2f}")
     print(f"stage 1 ({s['scenes']} scenes)  noun recall {s['noun_recall']:.2f}  precision {s['noun_precision']:.2f}  "
           f"mask mIoU {s['mask_miou']:.2f}  recall {s['mask_recall']:.2f}  precision {s['mask_precision']:.2f}  "
-          f"FG-ARI {s['fg_ari']:.2f}")
+          f"FG-ARI {s['fg_ari']:.2f}  first noun right {s['first_noun_correct']:.2f}  stops {s['stop_reasons']}")
     print(f"toy-eval: wrote {a.out} in {result['wall_seconds']:.0f}s")
     return 0
 
