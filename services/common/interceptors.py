@@ -176,17 +176,18 @@ class MetricsInterceptor(grpc.ServerInterceptor):
 
 
 class AuthInterceptor(grpc.ServerInterceptor):
-    """Requires `authorization: Bearer <token>` on every RPC except health checks."""
+    """Requires `authorization: Bearer <token>` on every RPC except health checks. `token` is the token, or a
+    callable asked on each RPC for the one in force (`credentials.TokenFile`: the token file, reloaded on change)."""
 
-    def __init__(self, token: str):
-        self._expected = token.encode()
+    def __init__(self, token: str | Callable[[], str]):
+        self._token = token if callable(token) else (lambda: token)
 
     def _allowed(self, metadata) -> bool:
         for key, value in metadata or ():
             if key.lower() == "authorization":
                 scheme, _, presented = (value if isinstance(value, str) else value.decode()).partition(" ")
                 if scheme.lower() == "bearer":
-                    return hmac.compare_digest(presented.strip().encode(), self._expected)
+                    return hmac.compare_digest(presented.strip().encode(), self._token().encode())
         return False
 
     def intercept_service(self, continuation, handler_call_details):

@@ -6,7 +6,8 @@ It gives each service, without the service writing any of it:
   as soon as the port is bound, then follows a heartbeat that the model's device must answer (a hung CUDA call
   turns it NOT_SERVING); readiness is NOT_SERVING until `spec.load()` has returned.
 - server reflection, Prometheus metrics with the go-grpc-prometheus names on their own HTTP port,
-  bearer-token auth, TLS / mutual TLS, explicit message-size, keepalive and connection-age options,
+  bearer-token auth, TLS / mutual TLS (certificates and token re-read when their files change, see
+  `services/common/credentials.py`), explicit message-size, keepalive and connection-age options,
   a concurrency cap (RESOURCE_EXHAUSTED beyond it), domain-error mapping, and graceful shutdown on SIGTERM.
 The service supplies only `register(server)` (add its servicers) and `load()` (load its models).
 """
@@ -27,6 +28,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from prometheus_client import Gauge, start_http_server
 
+from services.common.credentials import server_credentials, token_source
 from services.common.interceptors import (
     AuthInterceptor,
     ErrorInterceptor,
@@ -189,18 +191,6 @@ def _server_options(settings: Settings) -> list[tuple[str, int]]:
     ]
 
 
-def _credentials(settings: Settings) -> grpc.ServerCredentials | None:
-    if not settings.tls_cert:
-        return None
-    try:
-        key = settings.tls_key.read_bytes()
-        cert = settings.tls_cert.read_bytes()
-        client_ca = settings.tls_client_ca.read_bytes() if settings.tls_client_ca else None
-    except OSError as exc:
-        raise SystemExit(f"cannot read TLS file: {exc}") from exc
-    return grpc.ssl_server_credentials([(key, cert)], root_certificates=client_ca, require_client_auth=client_ca is not None)
-
-
 def _tracing_on(service: str) -> bool:
     """OpenTelemetry: on when `OTEL_TRACES_EXPORTER` names an exporter (or a tracer provider already exists)."""
     from services.common.tracing import TracingConfigError, configure_for
@@ -220,7 +210,7 @@ def start_server(spec: ServiceSpec, settings: Settings, *, load_in_background: b
         return running is not None and running.ready.is_set()
 
     interceptors: list[grpc.ServerInterceptor] = [MetricsInterceptor()]
-    token = settings.token()
+    token = token_source(settings)  # --auth-token-file: re-read when it changes
     if token:
         interceptors.append(AuthInterceptor(token))
     interceptors += [ReadinessInterceptor(is_ready), ErrorInterceptor()]
@@ -247,7 +237,7 @@ def start_server(spec: ServiceSpec, settings: Settings, *, load_in_background: b
     # the "listening on" log line says (how tests and tools start a server without racing for a port)
     any_port = settings.port < 0
     address = f"{settings.host}:{0 if any_port else settings.grpc_port(spec.name)}"
-    creds = _credentials(settings)
+    creds = server_credentials(settings)  # the certificates are re-read when they change
     port = server.add_secure_port(address, creds) if creds else server.add_insecure_port(address)
     if port == 0:
         raise SystemExit(f"{spec.name}: cannot bind {address}")

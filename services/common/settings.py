@@ -62,7 +62,14 @@ class Settings:
     auth_token: str | None = _setting(
         None, "Bearer token required in `authorization: Bearer …` metadata (health is exempt).", secret=True
     )
-    auth_token_file: Path | None = _setting(None, "File holding the bearer token (e.g. a mounted Secret).")
+    auth_token_file: Path | None = _setting(
+        None, "File holding the bearer token (e.g. a mounted Secret); re-read when it changes (--credentials-reload-s)."
+    )
+    credentials_reload_s: float = _setting(
+        1.0, "Seconds between checks of the TLS files and --auth-token-file for new contents: a renewed certificate, "
+        "client CA or token is used from the next connection or call, without a restart (a file that is unreadable, "
+        "invalid or empty keeps the previous one); 0 = check at every connection and call."
+    )
     # --- logging ----------------------------------------------------------------------------------------
     log_level: str = _setting("INFO", "Python logging level.")
 
@@ -74,16 +81,6 @@ class Settings:
         if self.metrics_port >= 0:
             return self.metrics_port
         return (bound_grpc_port or self.grpc_port(service)) + 1000
-
-    def token(self) -> str | None:
-        if self.auth_token:
-            return self.auth_token
-        if self.auth_token_file:
-            try:
-                return self.auth_token_file.read_text().strip() or None
-            except OSError as exc:
-                raise SystemExit(f"cannot read --auth-token-file {self.auth_token_file}: {exc}") from exc
-        return None
 
     def redacted(self) -> dict[str, Any]:
         """The settings as a dict for logs, with secrets masked."""
@@ -148,6 +145,8 @@ def validate(settings: Settings) -> None:
         raise SystemExit("--tls-cert and --tls-key must be given together")
     if settings.tls_client_ca and not settings.tls_cert:
         raise SystemExit("--tls-client-ca (mutual TLS) needs --tls-cert and --tls-key")
+    if settings.credentials_reload_s < 0:
+        raise SystemExit("--credentials-reload-s must be 0 or more")
     for name in ("max_message_bytes", "max_workers", "max_concurrent_rpcs"):
         if getattr(settings, name) <= 0:
             raise SystemExit(f"--{name.replace('_', '-')} must be positive")
