@@ -200,6 +200,37 @@ MUTATIONS = (
         "        done = self.server.stop(grace)\n",
         "        done = self.server.stop(0)\n",
         ("tests/test_runtime.py::test_graceful_shutdown_finishes_in_flight_and_refuses_new",)),
+    Mutation(
+        "a renewed certificate or client CA is used for new connections without a restart",
+        "services/common/credentials.py",
+        "        if not self._throttle.due():\n            return None\n",
+        "        return None\n",
+        ("tests/test_credential_reload.py::test_a_renewed_certificate_is_served_to_new_connections_without_a_restart",
+         "tests/test_credential_reload.py::test_a_rotated_client_ca_accepts_its_clients_and_refuses_the_old_ones")),
+    Mutation(
+        "a certificate that does not parse or does not match its key keeps the previous one, with a warning",
+        "services/common/credentials.py",
+        "            context.load_cert_chain(self._paths[0], self._paths[1], password=_encrypted_key)\n",
+        "",
+        ("tests/test_credential_reload.py::test_a_bad_certificate_keeps_the_previous_one_serving",)),
+    Mutation(
+        "a client CA file that does not parse keeps the previous CA, with a warning",
+        "services/common/credentials.py",
+        "                context.load_verify_locations(cadata=contents[2].decode(\"ascii\"))\n",
+        "                pass\n",
+        ("tests/test_credential_reload.py::test_a_rotated_client_ca_accepts_its_clients_and_refuses_the_old_ones",)),
+    Mutation(
+        "a rotated bearer token is required from the next reload interval, without a restart",
+        "services/common/credentials.py",
+        "        if self._throttle.due():\n            with self._lock:\n                self._reload()\n",
+        "",
+        ("tests/test_credential_reload.py::test_a_rotated_token_is_required_from_the_next_interval_and_an_emptied_file_keeps_it",)),
+    Mutation(
+        "an emptied token file keeps the previous token",
+        "services/common/credentials.py",
+        "            problem = None if token else \"the file is empty\"\n",
+        "            problem = None\n",
+        ("tests/test_credential_reload.py::test_a_rotated_token_is_required_from_the_next_interval_and_an_emptied_file_keeps_it",)),
 )
 
 
