@@ -37,6 +37,13 @@ from client.types import (
 DEFAULT_CLASS_IMAGES = Path(os.environ.get("ICE_CLASS_IMAGES_DIR", Path.home() / ".cache" / "ice" / "class-images"))
 
 
+def _as_sent(x: float) -> float:
+    """`x` as the services send it: protobuf `float` fields are 32-bit, and `--local` reports what they would."""
+    import struct
+
+    return struct.unpack("f", struct.pack("f", float(x)))[0]
+
+
 def _encoder_scores(name: str, s) -> EncoderScores:
     """An SDK EncoderScores from the evaluator module's Scores (as the service encodes them)."""
     return EncoderScores(name.upper(), s.sim_i, s.sim_c, s.acc1, s.acc3,
@@ -105,9 +112,10 @@ class LocalIce:
         known = {f.name for f in dataclasses.fields(pipeline.LocalizeOptions)}
         given = {k: v for k, v in (options or LocalizeOptions()).set_fields().items() if k in known}
         r = self._localizer.localize(image, dataclasses.replace(self._localizer.defaults, **given))
-        concepts = [Concept(f"c{i}", c.noun, float(c.area_fraction), c.round, list(c.retrieval), encode_mask(c.mask))
+        concepts = [Concept(f"c{i}", c.noun, _as_sent(c.area_fraction), c.round,
+                            [(w, _as_sent(x)) for w, x in c.retrieval], encode_mask(c.mask))
                     for i, c in enumerate(r.concepts)]
-        return LocalizeResult(concepts, r.width, r.height, r.rounds, float(r.remaining_fraction),
+        return LocalizeResult(concepts, r.width, r.height, r.rounds, _as_sent(r.remaining_fraction),
                               r.stop_reason.upper(), list(r.timings))
 
     # --- learn ---------------------------------------------------------------------------------------------
@@ -125,6 +133,7 @@ class LocalIce:
     def learn(self, image: bytes, concepts: Sequence[Concept], options: ExtractOptions,
               progress: Callable[[JobProgress], None], on_job: Callable[[str], None]) -> LearningResult:
         from services.learner import artifacts, trainer
+        from services.learner.tokens import by_concept
 
         job_id = f"local-{uuid.uuid4().hex[:12]}"
         on_job(job_id)
@@ -157,7 +166,7 @@ class LocalIce:
         self._jobs[job_id] = folder
         manifest = artifacts.read_manifest(folder)
         tokens = [LearnedToken(t["token"], t["role"].upper(), t["concept_id"], t["noun"], t.get("attribute", ""))
-                  for t in manifest["tokens"]]
+                  for t in by_concept(manifest["tokens"])]
         learning = LearningResult(job_id, tokens, [ArtifactFile(f.name, f.size_bytes, f.sha256) for f in files],
                                   self._bundle_info())
         progress(JobProgress(job_id, "SUCCEEDED", "FINISHING", total, total, 100.0, {}, None, 0, False, True,

@@ -48,7 +48,7 @@ from services.learner import generate as G
 from services.learner.artifacts import ArtifactFile, read_manifest
 from services.learner.jobs import CANCELLED, FAILED, QUEUED, SUCCEEDED, JobManager, JobRecord, artifact_files
 from services.learner.memory import MemoryEstimate, MemoryEstimator, gib, memory_for_jobs
-from services.learner.tokens import DEFAULT_ANCHORS
+from services.learner.tokens import DEFAULT_ANCHORS, by_concept
 from services.learner.trainer import (
     FINISHING,
     INTRINSIC_PHASE,
@@ -229,10 +229,8 @@ def job_metadata(manager: JobManager, r: JobRecord) -> learner_pb2.LearningJobMe
 
 
 def job_result(r: JobRecord, bundle_info) -> learner_pb2.LearningJobResult:
-    order = {"instance": 0, "concept": 1, "intrinsic": 2}
-    rows = sorted(enumerate(r.result["tokens"]), key=lambda it: (it[1]["concept_index"], order[it[1]["role"]], it[0]))
     tokens = [learner_pb2.LearnedToken(token=t["token"], role=_ROLE[t["role"]], concept_id=t["concept_id"],
-                                       noun=t["noun"], attribute=t["attribute"]) for _, t in rows]
+                                       noun=t["noun"], attribute=t["attribute"]) for t in by_concept(r.result["tokens"])]
     files = [learner_pb2.ArtifactFile(name=f.name, size_bytes=f.size_bytes, sha256=f.sha256)
              for f in artifact_files(r)]
     return learner_pb2.LearningJobResult(job_id=r.id, tokens=tokens, artifacts=files, bundle=bundle_info)

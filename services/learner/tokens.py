@@ -35,6 +35,16 @@ class TokenSpec:
         return asdict(self)
 
 
+_ROLE_ORDER = {"instance": 0, "concept": 1, "intrinsic": 2}
+
+
+def by_concept(tokens: list[dict]) -> list[dict]:
+    """Token records (`TokenSpec.to_json()`) as results list them: concept by concept, instance → concept →
+    intrinsic, the published row order within a role. The learner's reply and `--local` use this one order."""
+    rows = sorted(enumerate(tokens), key=lambda it: (it[1]["concept_index"], _ROLE_ORDER[it[1]["role"]], it[0]))
+    return [t for _, t in rows]
+
+
 def plan_tokens(concepts: list[tuple[str, str]], anchors: list[str]) -> list[TokenSpec]:
     """Tokens in the published row order: every `<*i>`, every `<&i>`, then the intrinsic tokens per anchor.
 

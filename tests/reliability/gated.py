@@ -8,7 +8,9 @@ Everything else is the unchanged `python -m services.SERVICE`. The gate is files
 - localizer: every `Localizer.localize` call first writes `entered-N` (N = 1, 2, ... in this process), then waits
   while `closed` exists.
 - learner: `Trainer.step(i)` (the step that makes i + 1 steps done), for an i listed in `hold-at` (whitespace
-  separated), writes `held-i` and waits while `closed` exists. Steps done before it were checkpointed as usual.
+  separated), writes `held-i` and `held-i-N` (N: the how-many-th time a job of this process reached step i) and
+  waits while `closed` or `closed-i-N` exists; `closed-i-N` holds one job, the N-th to reach step i, and lets the
+  others pass. Steps done before it were checkpointed as usual.
 """
 
 from __future__ import annotations
@@ -26,8 +28,8 @@ _entries = itertools.count(1)
 _lock = threading.Lock()
 
 
-def _wait_open() -> None:
-    while (GATE / "closed").exists():
+def _wait_open(also: str | None = None) -> None:
+    while (GATE / "closed").exists() or (also is not None and (GATE / also).exists()):
         time.sleep(0.01)
 
 
@@ -50,12 +52,16 @@ def _gate_learner() -> None:
     from services.learner import trainer
 
     original = trainer.Trainer.step
+    arrivals: dict[int, itertools.count] = {}
 
     def step(self, i, *args, **kwargs):
         hold = GATE / "hold-at"
         if hold.exists() and str(i) in hold.read_text().split():
+            with _lock:
+                n = next(arrivals.setdefault(i, itertools.count(1)))
+            (GATE / f"held-{i}-{n}").touch()
             (GATE / f"held-{i}").touch()
-            _wait_open()
+            _wait_open(f"closed-{i}-{n}")
         return original(self, i, *args, **kwargs)
 
     trainer.Trainer.step = step
