@@ -181,12 +181,23 @@ def fg_ari(truth: np.ndarray, predicted: np.ndarray) -> float:
     return float(adjusted_rand_score(truth[fg], predicted[fg])) if fg.any() else float("nan")
 
 
-def stage_one(bundle, n_scenes: int) -> dict:
-    """The localizer's own loop on held-out test scenes (bundle's recommended options)."""
+def stage_one(bundle, n_scenes: int, overrides: dict[str, str] | None = None) -> dict:
+    """The localizer's own loop on held-out test scenes (the bundle's recommended options, or those with
+    `overrides`, e.g. {"l1_penalty": "0.05"})."""
+    import dataclasses
+
     from services.evaluator.masks import score_masks
     from services.localizer.pipeline import Localizer
 
     localizer = Localizer(bundle)
+    if overrides:
+        known = {f.name: f for f in dataclasses.fields(localizer.defaults)}
+        unknown = sorted(set(overrides) - set(known))
+        if unknown:
+            raise SystemExit(f"unknown localizer option(s) {unknown}; known: {sorted(known)}")
+        cast = {k: int if getattr(localizer.defaults, k) is None else type(getattr(localizer.defaults, k))
+                for k in overrides}
+        localizer.defaults = dataclasses.replace(localizer.defaults, **{k: cast[k](v) for k, v in overrides.items()})
     per_mask = []
     tp = n_pred = n_true = 0
     aris, rounds, seconds, per_scene, first_right = [], [], [], [], []
@@ -216,7 +227,7 @@ def stage_one(bundle, n_scenes: int) -> dict:
     precision = np.concatenate([s.precision for s in per_mask])
     return {
         "scenes": n_scenes, "objects": int(iou.size),
-        "options": {k: v for k, v in localizer.defaults.__dict__.items()},
+        "options": {k: v for k, v in localizer.defaults.__dict__.items()}, "options_changed": sorted(overrides or ()),
         "noun_recall": round(tp / max(n_true, 1), 4), "noun_precision": round(tp / max(n_pred, 1), 4),
         "first_noun_correct": round(float(np.mean(first_right)), 4),
         "stop_reasons": {r: sum(p["stop"] == r for p in per_scene) for r in sorted({p["stop"] for p in per_scene})},
@@ -261,6 +272,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--images-per-prompt", type=int, default=2)
     p.add_argument("--seen-combos", type=int, default=48, help="seen combinations sampled for generation")
     p.add_argument("--quick", action="store_true", help="a few of everything (minutes)")
+    p.add_argument("--stage1-option", action="append", default=[], metavar="NAME=VALUE",
+                   help="run stage 1 with this localizer option instead of the bundle's recommended value "
+                        "(repeatable), e.g. l1_penalty=0.05")
     p.add_argument("--compare-clip", type=Path, default=None, metavar="SAFETENSORS",
                    help="also measure the retriever's noun geometry with these CLIP weights (the bundle's config)")
     a = p.parse_args(argv)
@@ -286,7 +300,8 @@ def main(argv: list[str] | None = None) -> int:
     if a.compare_clip is not None:
         result["retriever_nouns_compared"] = retriever_nouns(bundle, a.scenes, a.compare_clip)
     print(f"toy-eval: stage 1 on {a.scenes} held-out scenes ...", flush=True)
-    result["stage_one"] = stage_one(bundle, a.scenes)
+    overrides = dict(o.split("=", 1) for o in a.stage1_option)
+    result["stage_one"] = stage_one(bundle, a.scenes, overrides)
     result["wall_seconds"] = round(time.perf_counter() - t0, 1)
     a.out.parent.mkdir(parents=True, exist_ok=True)
     a.out.write_text(json.dumps(result, indent=2) + "\n")
