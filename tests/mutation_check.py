@@ -231,6 +231,24 @@ MUTATIONS = (
         "            problem = None if token else \"the file is empty\"\n",
         "            problem = None\n",
         ("tests/test_credential_reload.py::test_a_rotated_token_is_required_from_the_next_interval_and_an_emptied_file_keeps_it",)),
+    Mutation(
+        "a killed `ice serve` leaves no services behind",
+        "client/devservers.py",
+        "                                                        preexec_fn=_stop_with_parent)",
+        "                                                        )",
+        ("tests/test_e2e_client.py::test_services_stop_when_ice_serve_is_killed",)),
+    Mutation(
+        "`--local` gives the services' result for the same seed (tokens in the learner's order)",
+        "client/local.py",
+        "                  for t in by_concept(manifest[\"tokens\"])]",
+        "                  for t in manifest[\"tokens\"]]",
+        ("tests/test_e2e_client.py::test_local_gives_the_result_of_the_services_for_the_same_seed",)),
+    Mutation(
+        "`ice batch` stopped by SIGTERM hands its in-flight learning jobs back instead of cancelling them",
+        "client/batch.py",
+        "            run.cancel_jobs = stopped_by == \"SIGINT\" or on_sigterm == \"cancel\" or not hasattr(backend, \"create_job\")",
+        "            run.cancel_jobs = True",
+        ("tests/test_e2e_client.py::test_batch_sharded_stopped_by_sigterm_and_resumed_against_the_services",)),
 )
 
 

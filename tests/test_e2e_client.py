@@ -356,3 +356,32 @@ def test_cli_against_the_services_then_ctrl_c_stops_them_all(served, photo_png, 
     serve.send_signal(signal.SIGINT)
     assert serve.wait(timeout=180) == 0
     assert not any(_port_open(p) for p in ports)
+
+
+def test_services_stop_when_ice_serve_is_killed(tiny_bundle_dir, tmp_path):
+    """SIGKILL cannot be handled by `ice serve`: its services stop by themselves (SIGTERM on the parent's death)."""
+    from conftest import interruptible
+
+    from tests.reliability.harness import wait_for
+
+    serve = subprocess.Popen(
+        [sys.executable, "-m", "client", "serve", "--bundle", str(tiny_bundle_dir), "--ports", "0", "0", "0",
+         "--log-dir", str(tmp_path / "logs"), "--start-timeout", "900", "--json"],
+        cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)}, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        text=True, preexec_fn=interruptible)
+    try:
+        lines = []
+        for line in serve.stdout:
+            lines.append(line)
+            if line.rstrip() == "}":
+                break
+        info = json.loads("".join(lines))
+        ports = [int(info["targets"][name].rsplit(":", 1)[1]) for name in ("localizer", "learner", "evaluator")]
+        assert all(_port_open(p) for p in ports)
+    finally:
+        serve.kill()
+        serve.wait(30)
+    # a graceful stop takes seconds; 300 s only bounds the failure (a service that never stops)
+    wait_for(lambda: not any(_port_open(p) for p in ports), 300, "a service outlived the killed ice serve")
+    for name in ("localizer", "learner", "evaluator"):  # each stopped in order, not killed
+        assert "shutting down" in (tmp_path / "logs" / f"{name}.log").read_text(), name
