@@ -178,7 +178,7 @@ def train_vae(work: Path, plan: Plan, dev: str) -> dict:
         loss.backward()
         torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
         opt.step()
-        psnr = 10 * math.log10(4.0 / max(float(mse), 1e-10))
+        psnr = 10 * math.log10(4.0 / max(mse.item(), 1e-10))
         return {"l1": l1.item(), "kl": kl.item(), "psnr": psnr}
 
     record = run_loop("vae", plan.vae_steps, step_fn, ckpt, plan.checkpoint_every, {"batch": plan.vae_batch})
