@@ -358,6 +358,17 @@ def test_cli_against_the_services_then_ctrl_c_stops_them_all(served, photo_png, 
     assert not any(_port_open(p) for p in ports)
 
 
+def _kill_writers_of(folder: Path) -> None:
+    """SIGKILL every process whose standard output is a file in `folder` (Linux /proc)."""
+    for proc in Path("/proc").iterdir():
+        if proc.name.isdigit():
+            try:
+                if Path(os.readlink(proc / "fd" / "1")).parent == folder:
+                    os.kill(int(proc.name), signal.SIGKILL)
+            except OSError:
+                continue
+
+
 def test_services_stop_when_ice_serve_is_killed(tiny_bundle_dir, tmp_path):
     """SIGKILL cannot be handled by `ice serve`: its services stop by themselves (SIGTERM on the parent's death)."""
     from conftest import interruptible
@@ -381,7 +392,9 @@ def test_services_stop_when_ice_serve_is_killed(tiny_bundle_dir, tmp_path):
     finally:
         serve.kill()
         serve.wait(30)
-    # a graceful stop takes seconds; 300 s only bounds the failure (a service that never stops)
-    wait_for(lambda: not any(_port_open(p) for p in ports), 300, "a service outlived the killed ice serve")
+    try:  # a graceful stop takes seconds; 300 s only bounds the failure (a service that never stops)
+        wait_for(lambda: not any(_port_open(p) for p in ports), 300, "a service outlived the killed ice serve")
+    finally:
+        _kill_writers_of(tmp_path / "logs")  # whatever outlived it, so that a failure leaves nothing running
     for name in ("localizer", "learner", "evaluator"):  # each stopped in order, not killed
         assert "shutting down" in (tmp_path / "logs" / f"{name}.log").read_text(), name
