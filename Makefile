@@ -75,14 +75,24 @@ $(STAMPS)/chromium:
 	command -v chromium >/dev/null 2>&1 || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; }
 	@touch $@
 
-# the Node.js client of the contract and the buf CLI (tests/interop): npm packages from the committed lock file
-$(STAMPS)/npm: tests/interop/node/package-lock.json
+# Node.js and npm (Debian's packages) for the npm packages below
+$(STAMPS)/node:
 	@mkdir -p $(STAMPS)
 	command -v npm >/dev/null 2>&1 || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nodejs npm >/dev/null; }
+	@touch $@
+
+# the Node.js client of the contract and the buf CLI (tests/interop): npm packages from the committed lock file
+$(STAMPS)/npm: tests/interop/node/package-lock.json $(STAMPS)/node
 	cd tests/interop/node && npm ci --no-audit --no-fund --loglevel=error
 	@touch $@
 
-test: $(STAMPS)/install $(STAMPS)/chromium $(STAMPS)/npm k8s-validate  ## run the whole test suite
+# Azurite, the Azure Storage emulator that `ice batch` over az:// is tested against (tests/azurite, from its lock
+# file); pinned at 3.35.0, the last release that runs on Debian's Node.js 20 (later ones need Node 21 or 22)
+$(STAMPS)/azurite: tests/azurite/package-lock.json $(STAMPS)/node
+	cd tests/azurite && npm ci --no-audit --no-fund --loglevel=error
+	@touch $@
+
+test: $(STAMPS)/install $(STAMPS)/chromium $(STAMPS)/npm $(STAMPS)/azurite k8s-validate  ## run the whole test suite
 	$(PY) -m pytest -q
 
 k8s-validate: $(STAMPS)/install  ## render every k8s overlay and Job; validate with kubernetes-validate --strict
