@@ -206,7 +206,12 @@ class Store:
         probe = f".ice-write-check-{os.getpid()}"
         if self.local:
             self.local_path().mkdir(parents=True, exist_ok=True)
-        self.write_bytes(probe, b"")
+        try:
+            self.write_bytes(probe, b"")
+        except OSError:
+            raise
+        except Exception as exc:  # a back-end's own error type: adlfs lets azure-core's through (no container)
+            raise OSError((str(exc).splitlines() or [type(exc).__name__])[0]) from exc
         if self.local:
             self.local_path(probe).unlink()
         else:
