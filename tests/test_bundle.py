@@ -288,3 +288,25 @@ def test_cli_verify(tiny, tmp_path):
     assert len(bad.stderr.strip().splitlines()) == 1
     assert _cli("verify").returncode == 2
     assert _cli("nonsense").returncode == 2
+
+
+def test_vocabulary_words_are_embedded_on_their_own_positions_with_encode_texts_result(tiny_bundle_dir):
+    """The assembly embeds each word on the positions up to the longest word's end (a fraction of the 77-token
+    context); with a causal mask and pooling at the word's end the result is encode_text's."""
+    import torch
+
+    from services.common.assemble import encode_text_trimmed
+    from services.common.bundle import Bundle
+
+    model, _, tokenize = Bundle.open(tiny_bundle_dir).load_clip()
+    tokens = tokenize(["dog", "a red ball", "photograph", "x", "unbelievably long words here"])
+    assert int((tokens != 0).sum(dim=1).max()) < tokens.shape[1]  # there is padding to skip
+    with torch.no_grad():
+        full, trimmed = model.encode_text(tokens), encode_text_trimmed(model, tokens)
+        assert torch.allclose(full, trimmed, atol=1e-5, rtol=1e-5)
+        assert not torch.allclose(full[0], full[1], atol=1e-3)  # the words differ, so agreeing means something
+        model.text_pool_type = "last"  # pooled at the context's last position: every position counts
+        try:
+            assert torch.equal(encode_text_trimmed(model, tokens), model.encode_text(tokens))
+        finally:
+            model.text_pool_type = "argmax"

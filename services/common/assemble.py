@@ -133,13 +133,44 @@ def export_clip_onnx(clip_model, path: Path, image_size: int, opset: int = ONNX_
     onnx.save(model, str(path))
 
 
+def _trimmable(clip_model) -> bool:
+    """Whether `encode_text` may run on the tokens up to the longest sequence's end only: a causal mask (a
+    position never sees later ones) and pooling at a token inside the sequence (its end, or the first)."""
+    return (getattr(clip_model, "attn_mask", None) is not None
+            and getattr(clip_model, "text_pool_type", None) in ("argmax", "eos", "first")
+            and all(hasattr(clip_model, a) for a in ("token_embedding", "positional_embedding", "transformer",
+                                                     "ln_final")))
+
+
+def encode_text_trimmed(clip_model, tokens: torch.Tensor) -> torch.Tensor:
+    """open_clip's `encode_text` over the first n positions only, n = the longest sequence in the batch (a single
+    word is 3 tokens of a 77-token context). The padding after a sequence's end cannot change its embedding:
+    the mask is causal and the pooled token lies inside the sequence; so the result is encode_text's (to float
+    rounding: the matrix products have other shapes) at a fraction of the work. Other text towers: encode_text."""
+    if not _trimmable(clip_model):
+        return clip_model.encode_text(tokens)
+    from open_clip.transformer import text_global_pool
+
+    n = max(int((tokens != 0).sum(dim=1).max()), 1)  # the tokenizer pads with id 0
+    tokens = tokens[:, :n]
+    cast = clip_model.transformer.get_cast_dtype()
+    x = clip_model.token_embedding(tokens).to(cast) + clip_model.positional_embedding[:n].to(cast)
+    x = clip_model.transformer(x, attn_mask=clip_model.attn_mask[:n, :n])
+    x = text_global_pool(clip_model.ln_final(x), tokens, clip_model.text_pool_type,
+                         eos_token_id=getattr(clip_model, "text_eos_id", None))
+    projection = clip_model.text_projection
+    if projection is None:
+        return x
+    return projection(x) if isinstance(projection, torch.nn.Linear) else x @ projection
+
+
 @torch.no_grad()
 def embed_words(clip_model, tokenize, words: list[str], batch: int = 256) -> torch.Tensor:
     """The plain text embeddings: each word encoded alone (no prompt template), L2-normalised. [V, D]"""
     chunks = []
     for i in range(0, len(words), batch):
         tokens = tokenize(words[i : i + batch])
-        chunks.append(clip_model.encode_text(tokens).float())
+        chunks.append(encode_text_trimmed(clip_model, tokens).float())
     return torch.nn.functional.normalize(torch.cat(chunks), dim=-1).contiguous()
 
 
