@@ -138,11 +138,6 @@ def request_id(run: str, item_id: str, generation: int) -> str:
     return str(uuid.uuid5(_NAMESPACE, f"{run}\n{item_id}\n{generation}"))
 
 
-def is_done(out: Store | str | Path, item: Item) -> bool:
-    out = out if isinstance(out, Store) else Store(out)
-    return out.is_file(f"{item.id}/{DONE}")
-
-
 def _summary_name(shard_index: int | None, shard_count: int) -> str:
     return "batch-summary.json" if shard_count <= 1 else f"batch-summary-shard-{shard_index}.json"
 

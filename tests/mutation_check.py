@@ -185,8 +185,9 @@ MUTATIONS = (
     Mutation(
         "a resumed batch skips every item already done",
         "client/batch.py",
-        "def is_done(out: Store | str | Path, item: Item) -> bool:\n",
-        "def is_done(out: Store | str | Path, item: Item) -> bool:\n    return False\n",
+        "    skipped = [i.id for i in mine if f\"{i.id}/{DONE}\" in markers]\n"
+        "    todo = [i for i in mine if f\"{i.id}/{DONE}\" not in markers]\n",
+        "    skipped = []\n    todo = list(mine)\n",
         ("tests/test_cli.py::test_batch_interrupted_then_resumed_redoes_nothing_and_loses_nothing",)),
     Mutation(
         "the SDK balances calls round robin over every address",
