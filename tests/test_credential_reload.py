@@ -108,13 +108,17 @@ def _start(tiny_bundle_dir, tls: Path, mutual: bool = False, **overrides):
     )
 
 
+def _serving_certificate_one(pki, tiny_bundle_dir, tmp_path):
+    """(the TLS folder, an evaluator serving CA one's server certificate from it)."""
+    tls = tmp_path / "tls"
+    publish(tls, {"tls.key": pki["one"]["server"][0], "tls.crt": pki["one"]["server"][1]})
+    return tls, _start(tiny_bundle_dir, tls)
+
+
 def test_a_renewed_certificate_is_served_to_new_connections_without_a_restart(pki, tiny_bundle_dir, tmp_path):
     one, two = pki["one"], pki["two"]
-    tls = tmp_path / "tls"
-    publish(tls, {"tls.key": one["server"][0], "tls.crt": one["server"][1]})
-    running = _start(tiny_bundle_dir, tls)
-    trusts_one = grpc.ssl_channel_credentials(one["ca"])
-    trusts_two = grpc.ssl_channel_credentials(two["ca"])
+    tls, running = _serving_certificate_one(pki, tiny_bundle_dir, tmp_path)
+    trusts_one, trusts_two = (grpc.ssl_channel_credentials(ca["ca"]) for ca in (one, two))
     try:
         assert call(running.port, trusts_one) == "OK"
         assert call(running.port, trusts_two) == "UNAVAILABLE"  # the handshake fails: certificate 1 is served
@@ -137,11 +141,8 @@ def test_a_renewed_certificate_is_served_to_new_connections_without_a_restart(pk
 
 def test_a_bad_certificate_keeps_the_previous_one_serving(pki, tiny_bundle_dir, tmp_path, caplog):
     one, two = pki["one"], pki["two"]
-    tls = tmp_path / "tls"
-    publish(tls, {"tls.key": one["server"][0], "tls.crt": one["server"][1]})
-    running = _start(tiny_bundle_dir, tls)
-    trusts_one = grpc.ssl_channel_credentials(one["ca"])
-    trusts_two = grpc.ssl_channel_credentials(two["ca"])
+    tls, running = _serving_certificate_one(pki, tiny_bundle_dir, tmp_path)
+    trusts_one, trusts_two = (grpc.ssl_channel_credentials(ca["ca"]) for ca in (one, two))
     caplog.set_level(logging.WARNING, logger="ice.server")
     try:
         assert call(running.port, trusts_one) == "OK"
