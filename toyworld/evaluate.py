@@ -141,7 +141,7 @@ def retriever_nouns(bundle, n_scenes: int, clip_weights: Path | None = None) -> 
     nouns nearest the whole scene. With `clip_weights` (same config as the bundle's CLIP, e.g. a checkpoint of
     the training run), the dictionary and the image mean are recomputed for that CLIP the way the bundle's were."""
     from services.common.assemble import compute_image_mean, compute_text_dictionary
-    from toyworld.world import make_scene
+    from toyworld.train import mean_image_scenes
 
     model, preprocess, tokenize = bundle.load_clip()
     vocab = bundle.load_vocabulary()
@@ -155,8 +155,7 @@ def retriever_nouns(bundle, n_scenes: int, clip_weights: Path | None = None) -> 
         model.load_state_dict(load_file(str(clip_weights)))
         model.float().eval()
         text = compute_text_dictionary(model, tokenize, list(vocab.words)).float()
-        # the bundle stage's mean images: training scenes 8,000,000 + k
-        mean = compute_image_mean(model, preprocess, (make_scene(8_000_000 + k).image for k in range(512)))
+        mean = compute_image_mean(model, preprocess, (s.image for s in mean_image_scenes()))  # as the bundle's
     nouns = torch.nonzero(vocab.nouns_mask()).flatten()
     hits = first = total = 0
     for k in range(n_scenes):

@@ -541,6 +541,11 @@ def git_commit() -> str:
         return "unknown"
 
 
+def mean_image_scenes() -> list:
+    """The scenes the retriever's image mean is computed from: 512 training scenes, as MSCOCO is for real photos."""
+    return [make_scene(8_000_000 + k) for k in range(512)]
+
+
 def build_bundle(work: Path, out: Path, plan: Plan, record: dict) -> dict:
     from toyworld import calibrate, vocab
 
@@ -548,8 +553,8 @@ def build_bundle(work: Path, out: Path, plan: Plan, record: dict) -> dict:
     mean_dir = work / "mean-images"
     if not mean_dir.is_dir():
         mean_dir.mkdir(parents=True)
-        for k in range(512):  # the retriever's image mean: training scenes, as MSCOCO is for real photos
-            make_scene(8_000_000 + k).image.save(mean_dir / f"{k:04d}.png")
+        for k, scene in enumerate(mean_image_scenes()):
+            scene.image.save(mean_dir / f"{k:04d}.png")
     cmd = [sys.executable, "-m", "services.common.bundle_cli", "assemble", "--out", str(out),
            "--diffusion", str(work / "diffusion"),
            "--open-clip-config", str(work / "clip-words" / "open_clip_config.json"),
