@@ -7,7 +7,9 @@
   A learning job is created with a `request_id`, so a retried creation never queues a second job.
 - TLS with the system roots or a given CA bundle, client certificate and key for mutual TLS, and a bearer
   token: sent as call credentials over TLS, and as `authorization` metadata on a plaintext channel (for
-  loopback development only).
+  loopback development only). A token given as a file (`token_file`) is read again when the file changes, so
+  a client that runs for hours (a batch, a watch) follows a rotated Secret or a projected service-account
+  token without a restart.
 - Deadlines: `timeout` seconds per unary call, and more for calls whose work is known in advance: Localize
   gets `seconds_per_round` for each round it may run, Evaluate and EvaluateSet `seconds_per_image` for each
   image (`client.longcalls`). Streams that follow a job have none unless asked for; a watch is re-opened when
@@ -22,7 +24,9 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable
+import os
+import threading
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -60,6 +64,7 @@ class ChannelConfig:
     client_key: Path | None = None  # PEM private key for mutual TLS
     server_name_override: str | None = None  # TLS name to verify instead of the target host (tests, IPs)
     token: str | None = None  # bearer token
+    token_file: Path | None = None  # bearer token read from this file, and again whenever the file changes
     timeout: float = 600.0  # seconds per unary call
     seconds_per_round: float = 120.0  # Localize: added to `timeout` for each round it may run
     seconds_per_image: float = 2.0  # Evaluate / EvaluateSet: added to `timeout` for each image sent
@@ -74,6 +79,55 @@ class ChannelConfig:
             raise ValueError("a client certificate and its key must be given together (mutual TLS)")
         if (self.client_certificate or self.root_certificates) and not self.tls:
             object.__setattr__(self, "tls", True)
+        if self.token and self.token_file:
+            raise ValueError("give a bearer token or a token file, not both")
+        # the one reader of the file that every channel of this config asks (read now: a bad path fails here)
+        object.__setattr__(self, "_token_file", TokenFile(self.token_file) if self.token_file else None)
+
+    def bearer(self) -> Callable[[], str] | None:
+        """The token to send, asked on every call (None: no token)."""
+        if self._token_file is not None:
+            return self._token_file
+        token = self.token
+        return (lambda: token) if token else None
+
+
+class TokenFile:
+    """A bearer token kept in a file: call it for the token in force. The file is stat-ed on each call and read
+    again when it changed (the kubelet swaps a mounted Secret or a projected service-account token in place). A
+    file that later becomes unreadable or empty keeps the last good token; at construction it is an error."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self._lock = threading.Lock()
+        self._stamp: tuple[int, int, int] | None = None
+        self._token = ""
+        try:
+            self._token = self.path.read_text().strip()
+            self._stamp = self._stat()
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ValueError(f"cannot read the token file {path}: {getattr(exc, 'strerror', None) or exc}") from None
+        if not self._token:
+            raise ValueError(f"the token file {path} is empty")
+
+    def _stat(self) -> tuple[int, int, int]:
+        st = os.stat(self.path)  # follows the symlinks a Secret volume is made of
+        return st.st_ino, st.st_mtime_ns, st.st_size
+
+    def __call__(self) -> str:
+        try:
+            stamp = self._stat()
+        except OSError:
+            return self._token
+        if stamp != self._stamp:
+            with self._lock:
+                try:
+                    token = self.path.read_text().strip()
+                except (OSError, UnicodeDecodeError):
+                    return self._token
+                if token:  # a half-written (empty) file is read again at the next call
+                    self._token, self._stamp = token, stamp
+        return self._token
 
 
 def service_config(config: ChannelConfig, services: Iterable[str] = _SERVICES) -> str:
@@ -118,20 +172,31 @@ def _channel_credentials(config: ChannelConfig) -> grpc.ChannelCredentials:
         private_key=_read(config.client_key, "client key"),
         certificate_chain=_read(config.client_certificate, "client certificate"),
     )
-    if config.token:
-        creds = grpc.composite_channel_credentials(creds, grpc.access_token_call_credentials(config.token))
+    bearer = config.bearer()
+    if bearer is not None:
+        creds = grpc.composite_channel_credentials(creds, grpc.metadata_call_credentials(_TokenPlugin(bearer)))
     return creds
+
+
+class _TokenPlugin(grpc.AuthMetadataPlugin):
+    """Call credentials over TLS: `authorization: Bearer …` with the token in force at each call."""
+
+    def __init__(self, bearer: Callable[[], str]):
+        self._bearer = bearer
+
+    def __call__(self, context, callback):
+        callback((("authorization", f"Bearer {self._bearer()}"),), None)
 
 
 class _BearerToken(grpc.UnaryUnaryClientInterceptor, grpc.UnaryStreamClientInterceptor,
                    grpc.StreamUnaryClientInterceptor, grpc.StreamStreamClientInterceptor):
     """Adds `authorization: Bearer …` to every call of a plaintext channel."""
 
-    def __init__(self, token: str):
-        self._header = ("authorization", f"Bearer {token}")
+    def __init__(self, bearer: Callable[[], str]):
+        self._bearer = bearer
 
     def _details(self, details):
-        metadata = [*(details.metadata or ()), self._header]
+        metadata = [*(details.metadata or ()), ("authorization", f"Bearer {self._bearer()}")]
         return details._replace(metadata=metadata) if hasattr(details, "_replace") else _Details(details, metadata)
 
     def intercept_unary_unary(self, continuation, details, request):
@@ -170,19 +235,21 @@ def open_channel(target: str, config: ChannelConfig) -> grpc.Channel:
     if config.tls:
         return grpc.secure_channel(target, _channel_credentials(config), options=options)
     channel = grpc.insecure_channel(target, options=options)
-    if config.token:
-        channel = grpc.intercept_channel(channel, _BearerToken(config.token))
+    bearer = config.bearer()
+    if bearer is not None:
+        channel = grpc.intercept_channel(channel, _BearerToken(bearer))
     return channel
 
 
 class _AioBearerToken(grpc.aio.UnaryUnaryClientInterceptor, grpc.aio.UnaryStreamClientInterceptor):
     """`_BearerToken` for `grpc.aio` channels (the SDK makes unary and server-streaming calls only)."""
 
-    def __init__(self, token: str):
-        self._header = ("authorization", f"Bearer {token}")
+    def __init__(self, bearer: Callable[[], str]):
+        self._bearer = bearer
 
     def _details(self, details: grpc.aio.ClientCallDetails) -> grpc.aio.ClientCallDetails:
-        metadata = grpc.aio.Metadata(*(tuple(details.metadata) if details.metadata else ()), self._header)
+        header = ("authorization", f"Bearer {self._bearer()}")
+        metadata = grpc.aio.Metadata(*(tuple(details.metadata) if details.metadata else ()), header)
         return details._replace(metadata=metadata)
 
     async def intercept_unary_unary(self, continuation, details, request):
@@ -197,5 +264,6 @@ def open_aio_channel(target: str, config: ChannelConfig) -> grpc.aio.Channel:
     options = channel_options(config)
     if config.tls:
         return grpc.aio.secure_channel(target, _channel_credentials(config), options=options)
-    interceptors = [_AioBearerToken(config.token)] if config.token else None
+    bearer = config.bearer()
+    interceptors = [_AioBearerToken(bearer)] if bearer is not None else None
     return grpc.aio.insecure_channel(target, options=options, interceptors=interceptors)

@@ -117,7 +117,7 @@ def _connection_args(p: argparse.ArgumentParser) -> None:
                    help="evaluator target [env ICE_EVALUATOR; localhost:50053]")
     g.add_argument("--token", default=os.environ.get("ICE_TOKEN"), help="bearer token [env ICE_TOKEN]")
     g.add_argument("--token-file", type=Path, default=os.environ.get("ICE_TOKEN_FILE"),
-                   help="file holding the bearer token [env ICE_TOKEN_FILE]")
+                   help="file holding the bearer token, read again when it changes [env ICE_TOKEN_FILE]")
     g.add_argument("--tls", action="store_true", default=os.environ.get("ICE_TLS", "") in ("1", "true"),
                    help="use TLS (system roots unless --ca) [env ICE_TLS=1]")
     g.add_argument("--ca", type=Path, default=os.environ.get("ICE_TLS_CA"), help="PEM CA bundle [env ICE_TLS_CA]")
@@ -210,15 +210,10 @@ def _client(a):
     from client.channel import ChannelConfig
     from client.sdk import IceClient
 
-    token = a.token
-    if a.token_file:
-        try:
-            token = Path(a.token_file).read_text().strip()
-        except OSError as exc:
-            raise UsageError(f"cannot read the token file {a.token_file}: {exc.strerror or exc}") from None
-    try:
+    try:  # --token-file is read again whenever it changes (a rotated Secret, a long batch)
         config = ChannelConfig(tls=a.tls, root_certificates=a.ca, client_certificate=a.cert, client_key=a.key,
-                               token=token, timeout=a.timeout)
+                               token=None if a.token_file else a.token,
+                               token_file=Path(a.token_file) if a.token_file else None, timeout=a.timeout)
     except ValueError as exc:
         raise UsageError(str(exc)) from None
     return IceClient(a.localizer, a.learner, a.evaluator, config=config)

@@ -167,9 +167,15 @@ MUTATIONS = (
     Mutation(
         "the CLI sends the token read from --token-file",
         "client/cli.py",
-        "            token = Path(a.token_file).read_text().strip()\n",
-        "            Path(a.token_file).read_text().strip()\n",
+        "                               token_file=Path(a.token_file) if a.token_file else None, timeout=a.timeout)",
+        "                               token_file=None, timeout=a.timeout)",
         ("tests/test_cli_connection.py::test_tls_and_the_token_from_a_file_or_a_flag_get_through",)),
+    Mutation(
+        "a client given a token file sends the rotated token without a restart",
+        "client/channel.py",
+        "        if stamp != self._stamp:\n",
+        "        if self._stamp is None:\n",
+        ("tests/test_credential_reload.py::test_a_client_given_a_token_file_follows_its_rotation_without_a_restart",)),
     Mutation(
         "the CLI speaks TLS with --tls",
         "client/cli.py",

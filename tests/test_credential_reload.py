@@ -220,6 +220,80 @@ def test_a_rotated_token_is_required_from_the_next_interval_and_an_emptied_file_
         running.stop(grace=0)
 
 
+@pytest.mark.parametrize("transport", ["tls", "plaintext", "tls-asyncio"])
+def test_a_client_given_a_token_file_follows_its_rotation_without_a_restart(
+    transport, pki, tiny_bundle_dir, tmp_path
+):
+    """The SDK (and so `ice --token-file`, a batch Job) reads its token file again when it changes: the same client
+    object keeps getting through after the token is rotated in both pods' Secrets, and an emptied client file
+    keeps the last token."""
+    import asyncio
+
+    from client.aio import AsyncIceClient
+    from client.channel import ChannelConfig
+    from client.errors import ServiceError
+    from client.sdk import IceClient
+
+    one = pki["one"]
+    tls, server_secret, client_secret = tmp_path / "tls", tmp_path / "server-auth", tmp_path / "client-auth"
+    publish(tls, {"tls.key": one["server"][0], "tls.crt": one["server"][1]})
+    (tmp_path / "ca.pem").write_bytes(one["ca"])
+    for secret in (server_secret, client_secret):
+        publish(secret, {"token": b"first-token\n"})
+    secure = transport.startswith("tls")
+    running = (_start(tiny_bundle_dir, tls, auth_token_file=server_secret / "token") if secure else
+               start_inprocess("evaluator", tiny_bundle_dir, auth_token_file=server_secret / "token",
+                               credentials_reload_s=RELOAD_S))
+    config = ChannelConfig(root_certificates=tmp_path / "ca.pem" if secure else None,
+                           token_file=client_secret / "token")
+    target = f"localhost:{running.port}"
+    loop = asyncio.new_event_loop()
+    client = AsyncIceClient(evaluator=target, config=config) if transport == "tls-asyncio" else \
+        IceClient(evaluator=target, config=config)
+
+    def gets_through() -> bool:
+        try:
+            if isinstance(client, AsyncIceClient):
+                loop.run_until_complete(client.server_info("evaluator"))
+            else:
+                client.server_info("evaluator")
+            return True
+        except ServiceError as error:
+            assert error.code == grpc.StatusCode.UNAUTHENTICATED, error
+            return False
+
+    try:
+        assert gets_through()
+        for secret in (server_secret, client_secret):  # each pod's mount is updated by its own kubelet
+            publish(secret, {"token": b"second-token\n"})
+        changed = time.monotonic()  # after the files are in place
+        changes_within_interval(changed, gets_through)
+        assert client.config.bearer()() == "second-token"
+
+        publish(client_secret, {"token": b"\n"})  # emptied on the client's side: the last token stays
+        assert gets_through() and client.config.bearer()() == "second-token"
+    finally:
+        if isinstance(client, AsyncIceClient):
+            loop.run_until_complete(client.close())
+        else:
+            client.close()
+        loop.close()
+        running.stop(grace=0)
+
+
+def test_a_token_file_that_cannot_be_used_is_refused_when_the_client_is_made(tmp_path):
+    from client.channel import ChannelConfig
+
+    with pytest.raises(ValueError, match="cannot read the token file"):
+        ChannelConfig(token_file=tmp_path / "missing")
+    (tmp_path / "empty").write_text("\n")
+    with pytest.raises(ValueError, match="is empty"):
+        ChannelConfig(token_file=tmp_path / "empty")
+    (tmp_path / "token").write_text("t\n")
+    with pytest.raises(ValueError, match="not both"):
+        ChannelConfig(token="t", token_file=tmp_path / "token")
+
+
 def test_files_unusable_at_start_refuse_to_start_instead_of_serving_without_them(pki, tmp_path):
     from services.common.credentials import server_credentials, token_source
     from services.common.settings import from_sources
