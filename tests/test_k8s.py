@@ -14,6 +14,7 @@ import re
 import shutil
 import subprocess
 from collections import Counter
+from dataclasses import fields
 from pathlib import Path
 
 import pytest
@@ -370,6 +371,17 @@ def test_services_are_headless_and_ports_agree_with_flags_and_probes(rendered, t
         assert sts["spec"]["serviceName"] in {s["metadata"]["name"] for s in services}
 
 
+def _every_ice_variable_is_a_setting_of(service: str, data: dict[str, str]) -> None:
+    """A misspelt ICE_* name would be ignored silently, and a bad value would stop the pod at start."""
+    from services.common.settings import env_name, from_sources
+    from tests.reliability.harness import SETTINGS
+
+    known = {env_name(f.name) for f in fields(SETTINGS[service])}
+    assert {k for k in data if k.startswith("ICE_")} <= known, sorted(set(data) - known)
+    ice = {k: v for k, v in data.items() if k.startswith("ICE_")}
+    from_sources(env=ice, cls=SETTINGS[service], bundle=Path("/models/x"))  # a value it cannot parse: SystemExit
+
+
 @pytest.mark.parametrize("target", OVERLAYS)
 def test_settings_and_token_come_from_the_configmap_and_the_secret(rendered, target):
     objs = rendered[target]
@@ -381,6 +393,8 @@ def test_settings_and_token_come_from_the_configmap_and_the_secret(rendered, tar
         assert sorted(r.rsplit("-", 1)[0] for r in refs) == ["ice-bundle", "ice-settings"]
         (bundle_cm,) = [r for r in refs if r.startswith("ice-bundle")]
         bundle_env = configmaps[bundle_cm]
+        (settings_cm,) = [r for r in refs if r.startswith("ice-settings")]
+        _every_ice_variable_is_a_setting_of(component(w), configmaps[settings_cm])
         token_file = flags(c)["auth-token-file"]
         (mount,) = [m for m in c["volumeMounts"] if token_file.startswith(m["mountPath"] + "/")]
         (vol,) = [v for v in pod_spec(w)["volumes"] if v["name"] == mount["name"]]
