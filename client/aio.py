@@ -32,9 +32,9 @@ from google.longrunning import operations_pb2
 from client import messages as M
 from client import tracing
 from client.channel import open_aio_channel
-from client.core import ClientCore
+from client.core import ClientCore, JobWatch
 from client.errors import IceClientError, ServiceError
-from client.longcalls import Resume, evaluate_timeout, localize_timeout
+from client.longcalls import evaluate_timeout, localize_timeout
 from client.messages import EVALUATOR, LEARNER, LOCALIZER, OPERATIONS, learning_request
 from client.options import ExtractOptions, GenerateOptions, LocalizeOptions, Schedule, image_bytes
 from client.types import (
@@ -165,32 +165,18 @@ class AsyncIceClient(ClientCore):
     async def watch(self, job: Job | str, timeout: float | None = None) -> AsyncIterator[JobProgress]:
         """Progress of a job as it changes; the last item has `done` = True (WatchLearningJob). A stream the server
         closes (UNAVAILABLE) is re-opened for as long as the job runs, as `IceClient.watch` does."""
-        resume = Resume(self.config, timeout)
-        name = Job.of(job).name
-        finished = False
+        watch = JobWatch(self, job, timeout)
         while True:
-            job, channel, address = self._job_route(job)
-            request = learner_pb2.WatchLearningJobRequest(name=name)
-            stream = self._stream("learner", LEARNER, "WatchLearningJob", request, resume.remaining(), channel,
-                                  address)
             try:
-                async with contextlib.aclosing(stream):
-                    async for r in stream:
-                        self._remember(name, r.metadata)
-                        progress = M.watch_progress(r)
-                        if resume.fresh(progress):
+                async with contextlib.aclosing(self._stream(*watch.stream())) as stream:
+                    async for response in stream:
+                        progress = watch.take(response)
+                        if progress is not None:
                             yield progress
-                        # read the stream to its end: leaving it at the final update would cancel the call
-                        finished = finished or progress.done
-                    if finished:
-                        return
             except ServiceError as error:
-                delay = resume.after_error(error)
-                if delay is None:
-                    raise
-                await asyncio.sleep(delay)
+                await asyncio.sleep(watch.after_error(error))
                 continue
-            delay = resume.after_end()
+            delay = watch.after_end()
             if delay is None:
                 return
             await asyncio.sleep(delay)

@@ -10,11 +10,13 @@ from pathlib import Path
 import grpc
 from google.longrunning import operations_pb2_grpc
 
+from client import messages as M
 from client import tracing
 from client.channel import DEFAULT_TARGETS, ChannelConfig, display_target
 from client.errors import ServiceError, from_rpc_error
+from client.longcalls import Resume
 from client.messages import EVALUATOR, LEARNER, LOCALIZER, OPERATIONS
-from client.types import Job
+from client.types import Job, JobProgress
 from ice.evaluator.v1 import evaluator_pb2_grpc
 from ice.learner.v1 import learner_pb2, learner_pb2_grpc
 from ice.localizer.v1 import localizer_pb2_grpc
@@ -106,3 +108,40 @@ class ClientCore:
 
     def _deadline(self, timeout: float | None | str) -> float | None:
         return self.config.timeout if timeout == "default" else timeout
+
+
+class JobWatch:
+    """The decisions of one job watch, shared by `IceClient.watch` and `AsyncIceClient.watch` (which only differ in
+    how they read a stream and sleep): the replica to open the stream on, which updates are new, and what to do
+    when a stream ends or fails (`client.longcalls.Resume`)."""
+
+    def __init__(self, core: ClientCore, job: Job | str, timeout: float | None):
+        self._core = core
+        self._job = Job.of(job)
+        self._resume = Resume(core.config, timeout)
+        self._finished = False
+
+    def stream(self) -> tuple:
+        """The arguments of the client's `_stream` for the next WatchLearningJob."""
+        self._job, channel, address = self._core._job_route(self._job)
+        request = learner_pb2.WatchLearningJobRequest(name=self._job.name)
+        return "learner", LEARNER, "WatchLearningJob", request, self._resume.remaining(), channel, address
+
+    def take(self, response) -> JobProgress | None:
+        """The progress to yield for one streamed update, or None for one already seen."""
+        self._core._remember(self._job.name, response.metadata)
+        progress = M.watch_progress(response)
+        # the caller reads the stream to its end: leaving it at the final update would cancel the call
+        self._finished = self._finished or progress.done
+        return progress if self._resume.fresh(progress) else None
+
+    def after_error(self, error: ServiceError) -> float:
+        """Seconds to wait before re-opening the stream; raises `error` when the watch gives up."""
+        delay = self._resume.after_error(error)
+        if delay is None:
+            raise error
+        return delay
+
+    def after_end(self) -> float | None:
+        """Seconds to wait before re-opening a stream that ended, or None when the watch is over."""
+        return None if self._finished else self._resume.after_end()

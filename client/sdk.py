@@ -23,9 +23,9 @@ from google.longrunning import operations_pb2
 from client import messages as M
 from client import tracing
 from client.channel import open_channel
-from client.core import ClientCore
+from client.core import ClientCore, JobWatch
 from client.errors import ServiceError
-from client.longcalls import Resume, evaluate_timeout, localize_timeout
+from client.longcalls import evaluate_timeout, localize_timeout
 from client.messages import (  # noqa: F401  (re-exported: the names this module always had)
     EVALUATOR,
     LEARNER,
@@ -167,30 +167,17 @@ class IceClient(ClientCore):
         """Progress of a job as it changes; the last item has `done` = True (WatchLearningJob). When the server
         closes the stream (UNAVAILABLE: a connection at its maximum age, a restart) it is re-opened, for as
         long as the job runs, and updates already seen are skipped (`client.longcalls.Resume`)."""
-        resume = Resume(self.config, timeout)
-        name = Job.of(job).name
-        finished = False
+        watch = JobWatch(self, job, timeout)
         while True:
-            job, channel, address = self._job_route(job)
-            request = learner_pb2.WatchLearningJobRequest(name=name)
             try:
-                for r in self._stream("learner", LEARNER, "WatchLearningJob", request, resume.remaining(),
-                                      channel, address):
-                    self._remember(name, r.metadata)
-                    progress = M.watch_progress(r)
-                    if resume.fresh(progress):
+                for response in self._stream(*watch.stream()):
+                    progress = watch.take(response)
+                    if progress is not None:
                         yield progress
-                    # read the stream to its end: leaving it at the final update would cancel the call
-                    finished = finished or progress.done
-                if finished:
-                    return
             except ServiceError as error:
-                delay = resume.after_error(error)
-                if delay is None:
-                    raise
-                time.sleep(delay)
+                time.sleep(watch.after_error(error))
                 continue
-            delay = resume.after_end()
+            delay = watch.after_end()
             if delay is None:
                 return
             time.sleep(delay)
