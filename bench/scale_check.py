@@ -269,7 +269,7 @@ def main(argv: list[str] | None = None) -> int:
 
             def progress(p) -> None:
                 nonlocal estimate
-                label = p.phase.lower() or "queued"
+                label = "queued" if p.phase in ("", "UNSPECIFIED") else p.phase.lower()  # no phase before it runs
                 if label not in phase_start:
                     phase_start[label] = time.perf_counter()
                 sampler.label = label
