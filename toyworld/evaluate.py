@@ -24,6 +24,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from PIL import Image
 
 from toyworld.classify import read_object
 from toyworld.world import CATEGORIES, COLOURS, HELD_OUT, TEXTURES, held_out_scene, single_object
@@ -180,6 +181,41 @@ def fg_ari(truth: np.ndarray, predicted: np.ndarray) -> float:
     return float(adjusted_rand_score(truth[fg], predicted[fg])) if fg.any() else float("nan")
 
 
+def round_one_vote(localizer, scenes: list) -> dict:
+    """Where the pixels go in the first round's vote (the prompt "<noun> things background", the round-one noun
+    as the localizer retrieves it): the share of the named object's pixels, of the OTHER objects' pixels and of
+    the plain background voted to the noun, "things" and "background". The loop can find a second object only
+    if the other objects are not voted to the first noun (the noun's segments are removed after the round)."""
+    from services.common.images import image_to_tensor
+    from services.localizer.attention import capture_attention, encode_image, encode_prompt
+    from services.localizer.pipeline import PROMPT_WORDS
+    from services.localizer.segmentor import DiffSegConfig, segment, word_token_positions
+
+    o = localizer.defaults
+    config = DiffSegConfig(merge_threshold=o.merge_threshold, merge_rounds=o.merge_rounds,
+                           refine_kmeans=o.refinement == "kmeans", kl_backend=localizer.kl_backend)
+    pixels = {"named_object": np.zeros(3), "other_objects": np.zeros(3), "background": np.zeros(3)}
+    for scene in scenes:
+        noun = localizer.retriever.retrieve(scene.image, o.l1_penalty).noun
+        if noun is None:
+            continue
+        words = [noun, *PROMPT_WORDS]
+        text_states, _ = encode_prompt(localizer.pipe, " ".join(words))
+        x = image_to_tensor(scene.image.resize((localizer.size, localizer.size)))
+        maps = capture_attention(localizer.pipe, encode_image(localizer.pipe, x), text_states, o.timestep)
+        seg = segment(maps, word_token_positions(localizer.pipe.tokenizer, words), localizer.size, config)
+        voted = seg.segment_words[seg.labels]  # [S, S] index into words, at the attention's resolution
+        voted = np.asarray(Image.fromarray(voted.astype(np.uint8)).resize(scene.image.size, Image.Resampling.NEAREST))
+        objects = np.zeros(voted.shape, dtype=bool)
+        for obj in scene.objects:
+            objects |= obj.mask
+            key = "named_object" if obj.category == noun else "other_objects"
+            pixels[key] += np.bincount(voted[obj.mask], minlength=3)[:3]
+        pixels["background"] += np.bincount(voted[~objects], minlength=3)[:3]
+    return {key: dict(zip(("noun", "things", "background"), np.round(v / max(v.sum(), 1), 3).tolist(), strict=True))
+            for key, v in pixels.items()}
+
+
 def stage_one(bundle, n_scenes: int, overrides: dict[str, str] | None = None) -> dict:
     """The localizer's own loop on held-out test scenes (the bundle's recommended options, or those with
     `overrides`, e.g. {"l1_penalty": "0.05"})."""
@@ -234,6 +270,7 @@ def stage_one(bundle, n_scenes: int, overrides: dict[str, str] | None = None) ->
         "mask_precision": round(float(np.nanmean(precision)), 4),
         "fg_ari": round(float(np.nanmean(aris)), 4),
         "mean_rounds": round(float(np.mean(rounds)), 2), "seconds_per_scene": round(float(np.mean(seconds)), 3),
+        "round_one_vote": round_one_vote(localizer, [held_out_scene(k) for k in range(n_scenes)]),
         "per_scene": per_scene,
     }
 
@@ -320,6 +357,10 @@ def main(argv: list[str] | None = None) -> int:
     print(f"stage 1 ({s['scenes']} scenes)  noun recall {s['noun_recall']:.2f}  precision {s['noun_precision']:.2f}  "
           f"mask mIoU {s['mask_miou']:.2f}  recall {s['mask_recall']:.2f}  precision {s['mask_precision']:.2f}  "
           f"FG-ARI {s['fg_ari']:.2f}  first noun right {s['first_noun_correct']:.2f}  stops {s['stop_reasons']}")
+    v = s["round_one_vote"]
+    print("stage 1 round one: voted to the noun " + ", ".join(f"{v[k]['noun']:.2f} of the {k.replace('_', ' ')}"
+                                                           for k in ("named_object", "other_objects", "background"))
+          + f"; \"things\" {v['background']['things']:.2f} of the background")
     print(f"toy-eval: wrote {a.out} in {result['wall_seconds']:.0f}s")
     return 0
 
