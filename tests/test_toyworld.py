@@ -4,6 +4,7 @@ and the committed bundle is complete and localizes a held-out scene (more: tests
 from __future__ import annotations
 
 import itertools
+import json
 import os
 import signal
 import subprocess
@@ -230,3 +231,34 @@ def test_round_one_vote_accounts_for_every_pixel_and_gives_the_named_object_to_i
         assert abs(sum(shares.values()) - 1) < 2e-3, (group, shares)
     assert vote["named_object"]["noun"] > 0.9
     assert vote["background"]["noun"] < 0.5  # the plain background is not taken for the object
+
+
+def test_compare_says_which_figures_of_two_results_differ_beyond_noise(tmp_path, capsys):
+    """`python -m toyworld.compare` (the reproduction check): the committed result against itself is within noise;
+    a category share moved by 0.2 on 126 images is not (bound 2·√2·√(p(1−p)/n) ≈ 0.12), and one moved by 0.05
+    is; an unusable file is exit 2."""
+    import copy
+
+    from toyworld.compare import main as compare
+
+    reference = json.loads((ROOT / "bench/results/toyworld.json").read_text())
+    (tmp_path / "ref.json").write_text(json.dumps(reference))
+    assert compare([str(tmp_path / "ref.json"), str(tmp_path / "ref.json")]) == 0
+    assert "figures within noise" in capsys.readouterr().out
+
+    for shift, code in ((0.05, 0), (0.2, 1)):
+        other = copy.deepcopy(reference)
+        other["clip_zero_shot"]["category"] += shift
+        (tmp_path / "other.json").write_text(json.dumps(other))
+        assert compare([str(tmp_path / "ref.json"), str(tmp_path / "other.json"), "--json", str(tmp_path / "c.json")]) \
+            == code
+        out = capsys.readouterr().out
+        rows = {r["figure"]: r for r in json.loads((tmp_path / "c.json").read_text())["rows"]}
+        assert rows["CLIP zero-shot: category"]["within"] is (code == 0)
+        assert ("outside: CLIP zero-shot: category" in out) is (code == 1)
+        assert sum(not r["within"] for r in rows.values()) == code  # nothing else moved
+
+    del other["stage_one"]
+    (tmp_path / "other.json").write_text(json.dumps(other))
+    assert compare([str(tmp_path / "ref.json"), str(tmp_path / "other.json")]) == 2
+    assert "not a toy-eval result" in capsys.readouterr().err

@@ -256,6 +256,7 @@ def stage_one(bundle, n_scenes: int, overrides: dict[str, str] | None = None) ->
         aris.append(fg_ari(scene.label_map(), labels))
         per_scene.append({"scene": k, "truth": sorted(o.phrase() for o in scene.objects),
                           "found": [c.noun for c in result.concepts], "miou": round(scores.miou, 3),
+                          "fg_ari": round(aris[-1], 3),
                           "stop": result.stop_reason})
     iou = np.concatenate([s.iou for s in per_mask])
     recall = np.concatenate([s.recall for s in per_mask])
