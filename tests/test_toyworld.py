@@ -6,6 +6,7 @@ from __future__ import annotations
 import itertools
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -146,41 +147,58 @@ def test_vocabulary_file(tmp_path):
     assert list(freq) == sorted(freq, reverse=True)
 
 
-def _train_vae(work: Path, *extra: str) -> subprocess.Popen:
-    cmd = [sys.executable, "-m", "toyworld.train", "vae", "--work", str(work), "--vae-steps", "6",
-           "--vae-batch", "2", "--checkpoint-every", "2", "--threads", "1", *extra]
+# tiny runs of a stage: (its steps flag, the flags that make it tiny)
+TINY = {
+    "vae": ("--vae-steps", ["--vae-batch", "2"]),
+    "diffusion": ("--diffusion-steps", ["--diffusion-batch", "2", "--latent-pool", "16"]),
+}
+
+
+def _train(work: Path, stage: str, steps: int) -> subprocess.Popen:
+    flag, extra = TINY[stage]
+    cmd = [sys.executable, "-m", "toyworld.train", stage, "--work", str(work), "--vae-steps", "2",
+           flag, str(steps), "--checkpoint-every", "2", "--threads", "1", *extra]  # the last --vae-steps wins
     return subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             env={**os.environ, "HF_HUB_OFFLINE": "1"})
 
 
-def _final_tensors(work: Path) -> dict:
+def _final_tensors(work: Path, stage: str, steps: int) -> dict:
     from services.learner.checkpoints import load_latest
 
-    step, tensors, _ = load_latest(work / "checkpoints" / "vae")
-    assert step == 6
+    step, tensors, _ = load_latest(work / "checkpoints" / stage)
+    assert step == steps
     return tensors
 
 
 @pytest.mark.slow
-def test_training_resumes_after_a_kill_and_computes_the_same_steps(tmp_path):
-    straight = _train_vae(tmp_path / "straight")
-    out, _ = straight.communicate(timeout=300)
-    assert straight.returncode == 0, out
+@pytest.mark.parametrize("stage, steps", [("vae", 6), ("diffusion", 12)])
+def test_training_resumes_after_a_kill_and_computes_the_same_steps(stage, steps, tmp_path):
+    """SIGKILL a stage after its first checkpoint; the next run resumes there and ends with the same weights, EMA
+    and optimizer state, bit for bit, as a run never killed. The diffusion stage runs on a VAE trained first."""
+    straight, killed = tmp_path / "straight", tmp_path / "killed"
+    if stage != "vae":
+        run = _train(tmp_path / "base", "vae", 2)
+        out, _ = run.communicate(timeout=300)
+        assert run.returncode == 0, out
+        for work in (straight, killed):
+            shutil.copytree(tmp_path / "base" / "vae", work / "vae")
+    run = _train(straight, stage, steps)
+    out, _ = run.communicate(timeout=300)
+    assert run.returncode == 0, out
 
-    killed = tmp_path / "killed"
-    proc = _train_vae(killed)
+    proc = _train(killed, stage, steps)
     deadline = time.monotonic() + 300
-    while not list((killed / "checkpoints" / "vae").glob("step-0000002")):
+    while not list((killed / "checkpoints" / stage).glob("step-*")):
         assert proc.poll() is None and time.monotonic() < deadline
         time.sleep(0.05)
     proc.send_signal(signal.SIGKILL)
     proc.wait(timeout=30)
-    assert not (killed / "vae").exists()  # it did not finish
-    resumed = _train_vae(killed)
+    assert not (killed / stage).exists()  # it did not finish
+    resumed = _train(killed, stage, steps)
     out, _ = resumed.communicate(timeout=300)
     assert resumed.returncode == 0, out
     assert "resuming at step" in out
-    a, b = _final_tensors(tmp_path / "straight"), _final_tensors(killed)
+    a, b = _final_tensors(straight, stage, steps), _final_tensors(killed, stage, steps)
     assert a.keys() == b.keys()
     for name in a:
         assert np.array_equal(a[name].numpy(), b[name].numpy()), name  # bit-identical
