@@ -45,6 +45,7 @@ class ClientCore:
         evaluator: str | None = None,
         *,
         token: str | None = None,
+        token_file: str | Path | None = None,
         tls: bool = False,
         root_certificates: str | Path | None = None,
         client_certificate: str | Path | None = None,
@@ -58,6 +59,7 @@ class ClientCore:
             client_certificate=Path(client_certificate) if client_certificate else None,
             client_key=Path(client_key) if client_key else None,
             token=token,
+            token_file=Path(token_file) if token_file else None,
             timeout=timeout,
         )
         self.targets = {

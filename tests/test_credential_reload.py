@@ -249,7 +249,7 @@ def test_a_client_given_a_token_file_follows_its_rotation_without_a_restart(
     target = f"localhost:{running.port}"
     loop = asyncio.new_event_loop()
     client = AsyncIceClient(evaluator=target, config=config) if transport == "tls-asyncio" else \
-        IceClient(evaluator=target, config=config)
+        IceClient(evaluator=target, token_file=client_secret / "token", root_certificates=config.root_certificates)
 
     def gets_through() -> bool:
         try:
