@@ -186,25 +186,15 @@ def round_one_vote(localizer, scenes: list) -> dict:
     as the localizer retrieves it): the share of the named object's pixels, of the OTHER objects' pixels and of
     the plain background voted to the noun, "things" and "background". The loop can find a second object only
     if the other objects are not voted to the first noun (the noun's segments are removed after the round)."""
-    from services.common.images import image_to_tensor
-    from services.localizer.attention import capture_attention, encode_image, encode_prompt
-    from services.localizer.pipeline import PROMPT_WORDS
-    from services.localizer.segmentor import DiffSegConfig, segment, word_token_positions
-
     o = localizer.defaults
-    config = DiffSegConfig(merge_threshold=o.merge_threshold, merge_rounds=o.merge_rounds,
-                           refine_kmeans=o.refinement == "kmeans", kl_backend=localizer.kl_backend)
     pixels = {"named_object": np.zeros(3), "other_objects": np.zeros(3), "background": np.zeros(3)}
     for scene in scenes:
         noun = localizer.retriever.retrieve(scene.image, o.l1_penalty).noun
         if noun is None:
             continue
-        words = [noun, *PROMPT_WORDS]
-        text_states, _ = encode_prompt(localizer.pipe, " ".join(words))
-        x = image_to_tensor(scene.image.resize((localizer.size, localizer.size)))
-        maps = capture_attention(localizer.pipe, encode_image(localizer.pipe, x), text_states, o.timestep)
-        seg = segment(maps, word_token_positions(localizer.pipe.tokenizer, words), localizer.size, config)
-        voted = seg.segment_words[seg.labels]  # [S, S] index into words, at the attention's resolution
+        square = np.asarray(scene.image.resize((localizer.size, localizer.size), Image.Resampling.BICUBIC))
+        seg, _ = localizer.segment_noun(square, noun, o)
+        voted = seg.segment_words[seg.labels]  # [S, S]: the index of the prompt word each pixel was voted to
         voted = np.asarray(Image.fromarray(voted.astype(np.uint8)).resize(scene.image.size, Image.Resampling.NEAREST))
         objects = np.zeros(voted.shape, dtype=bool)
         for obj in scene.objects:

@@ -20,7 +20,7 @@ from services.common.images import center_crop_box, image_to_tensor, resize_mask
 from services.localizer.attention import capture_attention, encode_image, encode_prompt
 from services.localizer.kl import resolve_backend
 from services.localizer.retriever import Reranker, Retriever
-from services.localizer.segmentor import DiffSegConfig, instances, segment, word_token_positions
+from services.localizer.segmentor import DiffSegConfig, Segmentation, instances, segment, word_token_positions
 
 PROMPT_WORDS = ("things", "background")  # the prompt is "<noun> things background"
 STOP_REASONS = ("remaining_fraction", "max_rounds", "max_concepts", "no_progress", "no_new_noun")
@@ -84,6 +84,20 @@ class Localizer:
         self.defaults = bundle.recommended_defaults("localize", LocalizeOptions())
 
     @torch.no_grad()
+    def segment_noun(self, square: np.ndarray, noun: str, options: LocalizeOptions) -> tuple[Segmentation, float]:
+        """One round's segmentation of the S × S image `square` (uint8 RGB) with the prompt "<noun> things
+        background": one UNet pass for the attention, DiffSeg, the vote. Returns it and the attention's seconds."""
+        t0 = time.perf_counter()
+        words = [noun, *PROMPT_WORDS]
+        text_states, _ = encode_prompt(self.pipe, " ".join(words))
+        x = image_to_tensor(Image.fromarray(square))
+        maps = capture_attention(self.pipe, encode_image(self.pipe, x), text_states, options.timestep)
+        t1 = time.perf_counter()
+        config = DiffSegConfig(merge_threshold=options.merge_threshold, merge_rounds=options.merge_rounds,
+                               refine_kmeans=options.refinement == "kmeans", kl_backend=self.kl_backend)
+        return segment(maps, word_token_positions(self.pipe.tokenizer, words), self.size, config), t1 - t0
+
+    @torch.no_grad()
     def localize(
         self,
         image: Image.Image,
@@ -97,12 +111,6 @@ class Localizer:
         crop = image.crop(center_crop_box(width, height))
         crop_arr = np.asarray(crop, dtype=np.uint8)
         square_arr = np.asarray(crop.resize((self.size, self.size), Image.Resampling.BICUBIC), dtype=np.uint8)
-        config = DiffSegConfig(
-            merge_threshold=options.merge_threshold,
-            merge_rounds=options.merge_rounds,
-            refine_kmeans=options.refinement == "kmeans",
-            kl_backend=self.kl_backend,
-        )
         removed = np.zeros((self.size, self.size), dtype=bool)
         found: list[tuple[Concept, np.ndarray]] = []  # (concept without full-res mask yet, mask on the square)
         timings: list[tuple[str, float]] = []
@@ -128,19 +136,11 @@ class Localizer:
             previous = noun
 
             t0 = time.perf_counter()
-            x = image_to_tensor(Image.fromarray(square_arr * keep[..., None]))
-            words = [noun, *PROMPT_WORDS]
-            text_states, _ = encode_prompt(self.pipe, " ".join(words))
-            maps = capture_attention(self.pipe, encode_image(self.pipe, x), text_states, options.timestep)
-            timings.append(("attention", time.perf_counter() - t0))
-
-            t0 = time.perf_counter()
-            positions = word_token_positions(self.pipe.tokenizer, words)
-            seg = segment(maps, positions, self.size, config)
+            seg, attention_s = self.segment_noun(square_arr * keep[..., None], noun, options)
             noun_mask = seg.noun & keep  # a removed (black) area is not found again
             round_masks = instances(noun_mask, options.min_area_fraction)
             newly_removed = (seg.noun | seg.background) & keep
-            timings.append(("segment", time.perf_counter() - t0))
+            timings += [("attention", attention_s), ("segment", time.perf_counter() - t0 - attention_s)]
 
             for m in round_masks:
                 found.append((Concept(noun, None, 0.0, rnd, list(retrieval.words)), m))
