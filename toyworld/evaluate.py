@@ -226,8 +226,8 @@ def stage_one(bundle, n_scenes: int, overrides: dict[str, str] | None = None) ->
     per_mask = []
     tp = n_pred = n_true = 0
     aris, rounds, seconds, per_scene, first_right = [], [], [], [], []
-    for k in range(n_scenes):
-        scene = held_out_scene(k)
+    scenes = [held_out_scene(k) for k in range(n_scenes)]
+    for k, scene in enumerate(scenes):
         t0 = time.perf_counter()
         result = localizer.localize(scene.image)
         seconds.append(time.perf_counter() - t0)
@@ -261,7 +261,7 @@ def stage_one(bundle, n_scenes: int, overrides: dict[str, str] | None = None) ->
         "mask_precision": round(float(np.nanmean(precision)), 4),
         "fg_ari": round(float(np.nanmean(aris)), 4),
         "mean_rounds": round(float(np.mean(rounds)), 2), "seconds_per_scene": round(float(np.mean(seconds)), 3),
-        "round_one_vote": round_one_vote(localizer, [held_out_scene(k) for k in range(n_scenes)]),
+        "round_one_vote": round_one_vote(localizer, scenes),
         "per_scene": per_scene,
     }
 
