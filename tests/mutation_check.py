@@ -134,8 +134,8 @@ MUTATIONS = (
     Mutation(
         "refinement=NONE uses the merged proposals without K-means",
         "services/localizer/pipeline.py",
-        "            refine_kmeans=options.refinement == \"kmeans\",\n",
-        "            refine_kmeans=True,\n",
+        "refine_kmeans=options.refinement == \"kmeans\", kl_backend",
+        "refine_kmeans=True, kl_backend",
         ("tests/test_localizer_service.py::test_refinement_none_skips_kmeans_and_gives_other_segments",)),
     Mutation(
         "a round that removes nothing stops the loop with NO_PROGRESS",
