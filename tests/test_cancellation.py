@@ -43,8 +43,10 @@ def _handled(service: str, method: str, rpc_type: str, code: str) -> float:
     return REGISTRY.get_sample_value("grpc_server_handled_total", labels) or 0.0
 
 
-def _cancel_mid_stream(call_with, first_message) -> None:
-    """Send one message, wait until the server has read it, then cancel while it waits for the next."""
+def _cancel_mid_stream(call_with, first_message) -> threading.Event:
+    """Send one message, wait until the server has read it, then cancel while it waits for the next. Returns the
+    event that ends the request iterator: set it only once the server has seen the cancellation, or the client
+    may half-close the stream first and the server rightly answer a stream without an item."""
     sent = threading.Event()
     stop = threading.Event()
 
@@ -57,7 +59,7 @@ def _cancel_mid_stream(call_with, first_message) -> None:
     assert sent.wait(10)
     time.sleep(0.3)  # the server is now blocked reading the next message
     future.cancel()
-    stop.set()
+    return stop
 
 
 def _wait_for(predicate, seconds: float = 10.0) -> bool:
@@ -88,8 +90,11 @@ def test_a_cancelled_stream_is_cancelled_and_logged_quietly(channel, caplog, whi
         first = reflection_pb2.ServerReflectionRequest(list_services="")
     before = {code: _handled(service, which, rpc_type, code) for code in ("CANCELLED", "INTERNAL", "UNKNOWN")}
     with caplog.at_level(logging.INFO):
-        _cancel_mid_stream(call_with, first)
-        assert _wait_for(lambda: _handled(service, which, rpc_type, "CANCELLED") == before["CANCELLED"] + 1)
+        stop = _cancel_mid_stream(call_with, first)
+        try:
+            assert _wait_for(lambda: _handled(service, which, rpc_type, "CANCELLED") == before["CANCELLED"] + 1)
+        finally:
+            stop.set()
     assert _handled(service, which, rpc_type, "INTERNAL") == before["INTERNAL"]
     assert _handled(service, which, rpc_type, "UNKNOWN") == before["UNKNOWN"]
     noisy = [r for r in caplog.records if r.levelno >= logging.WARNING or r.exc_info]
