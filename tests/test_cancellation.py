@@ -108,3 +108,42 @@ def _drain(responses):
         yield from responses
     except grpc.RpcError:
         return
+
+
+def test_a_stream_abandoned_while_sending_is_counted_cancelled_not_unknown(caplog):
+    """A servicer that only yields (never reads a request, never checks the context) is not told of the
+    cancellation by an exception: gRPC stops reading its generator when a response cannot be sent and closes it.
+    That is the caller's CANCELLED too, and one quiet line, never UNKNOWN."""
+    from concurrent import futures
+
+    from services.common.interceptors import ErrorInterceptor, MetricsInterceptor
+
+    yielded = threading.Event()
+
+    def endless(_request, _context):
+        while True:
+            yielded.set()
+            yield b"x" * 4096
+
+    handler = grpc.method_handlers_generic_handler(
+        "test.Endless", {"Stream": grpc.unary_stream_rpc_method_handler(endless)})
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=2),
+                         interceptors=[MetricsInterceptor(), ErrorInterceptor()], handlers=[handler])
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    labels = ("test.Endless", "Stream", "server_stream")
+    before = {code: _handled(*labels, code) for code in ("CANCELLED", "UNKNOWN", "INTERNAL")}
+    try:
+        with caplog.at_level(logging.INFO), grpc.insecure_channel(f"127.0.0.1:{port}") as ch:
+            responses = ch.unary_stream("/test.Endless/Stream")(b"", timeout=60)
+            assert next(responses) == b"x" * 4096
+            assert yielded.wait(10)
+            responses.cancel()
+            assert _wait_for(lambda: _handled(*labels, "CANCELLED") == before["CANCELLED"] + 1)
+    finally:
+        server.stop(grace=0)
+    assert _handled(*labels, "UNKNOWN") == before["UNKNOWN"]
+    assert _handled(*labels, "INTERNAL") == before["INTERNAL"]
+    quiet = [r for r in caplog.records if "/test.Endless/Stream -> CANCELLED" in r.getMessage()]
+    assert len(quiet) == 1 and quiet[0].levelno == logging.INFO
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING or r.exc_info]

@@ -106,6 +106,8 @@ def _refuse(handler: grpc.RpcMethodHandler, code: grpc.StatusCode, message: str)
 
 
 def _code_name(context: grpc.ServicerContext, exc: BaseException | None) -> str:
+    if isinstance(exc, GeneratorExit):
+        return abandoned_code(context).name
     code = None
     try:
         code = context.code()
@@ -251,9 +253,7 @@ class ErrorInterceptor(grpc.ServerInterceptor):
         def handle(exc: BaseException, context: grpc.ServicerContext):
             gone = _caller_gone(context)
             if gone is not None:  # the client cancelled (or its deadline passed): nobody reads an answer
-                why = "the client cancelled the call" if gone == grpc.StatusCode.CANCELLED else "the deadline passed"
-                log.info("%s -> %s: %s", method, gone.name, why)
-                context.abort(gone, why)  # recorded for the metrics; nothing reaches the client
+                context.abort(gone, _log_gone(method, gone))  # recorded for the metrics; nothing reaches the client
             if isinstance(exc, IceError):
                 log.info("%s -> %s: %s", method, exc.code, exc.message)
                 context.abort_with_status(status_for(exc))
@@ -290,6 +290,9 @@ class ErrorInterceptor(grpc.ServerInterceptor):
             def wrapped(request, context):
                 try:
                     yield from behaviour(parsed(request), context)
+                except GeneratorExit:  # the caller left while a response was on its way: no exception to handle
+                    _log_gone(method, abandoned_code(context))
+                    raise
                 except Exception as exc:
                     if is_abort(exc, context):
                         raise
@@ -299,6 +302,19 @@ class ErrorInterceptor(grpc.ServerInterceptor):
 
         deserializer = _tolerant(handler.request_deserializer) if handler is not None else None
         return _wrap(handler, wrap_unary, wrap_stream, deserializer)
+
+
+def _log_gone(method: str, code: grpc.StatusCode) -> str:
+    """One quiet line for a call whose caller left; returns the reason."""
+    why = "the client cancelled the call" if code == grpc.StatusCode.CANCELLED else "the deadline passed"
+    log.info("%s -> %s: %s", method, code.name, why)
+    return why
+
+
+def abandoned_code(context: grpc.ServicerContext) -> grpc.StatusCode:
+    """The status of a response stream gRPC stopped reading (its generator is closed, GeneratorExit): it does so
+    only once the call is over, when a response could not be sent to a caller that cancelled or ran out of time."""
+    return _caller_gone(context) or grpc.StatusCode.CANCELLED
 
 
 def _caller_gone(context: grpc.ServicerContext) -> grpc.StatusCode | None:

@@ -105,9 +105,7 @@ class TracingInterceptor(grpc.ServerInterceptor):
 
 
 def _finish(span: trace.Span, context: grpc.ServicerContext, exc: BaseException | None) -> None:
-    code = _code_name(context, exc)
-    if isinstance(exc, GeneratorExit):
-        code = "CANCELLED"
+    code = _code_name(context, exc)  # a stream gRPC stopped reading (GeneratorExit) is its caller's CANCELLED
     number = grpc.StatusCode[code].value[0] if code in grpc.StatusCode.__members__ else 2
     span.set_attribute("rpc.grpc.status_code", number)
     if code != "OK":
