@@ -9,7 +9,8 @@
   token: sent as call credentials over TLS, and as `authorization` metadata on a plaintext channel (for
   loopback development only). A token given as a file (`token_file`) is read again when the file changes, so
   a client that runs for hours (a batch, a watch) follows a rotated Secret or a projected service-account
-  token without a restart.
+  token without a restart; for `token_overlap_s` after a change it sends the previous token too, so that a
+  server whose copy of the Secret is updated later still lets it through.
 - Deadlines: `timeout` seconds per unary call, and more for calls whose work is known in advance: Localize
   gets `seconds_per_round` for each round it may run, Evaluate and EvaluateSet `seconds_per_image` for each
   image (`client.longcalls`). Streams that follow a job have none unless asked for; a watch is re-opened when
@@ -26,6 +27,7 @@ from __future__ import annotations
 import json
 import os
 import threading
+import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -65,6 +67,7 @@ class ChannelConfig:
     server_name_override: str | None = None  # TLS name to verify instead of the target host (tests, IPs)
     token: str | None = None  # bearer token
     token_file: Path | None = None  # bearer token read from this file, and again whenever the file changes
+    token_overlap_s: float = 300.0  # after token_file changes, the previous token is sent too for this long
     timeout: float = 600.0  # seconds per unary call
     seconds_per_round: float = 120.0  # Localize: added to `timeout` for each round it may run
     seconds_per_image: float = 2.0  # Evaluate / EvaluateSet: added to `timeout` for each image sent
@@ -82,23 +85,41 @@ class ChannelConfig:
         if self.token and self.token_file:
             raise ValueError("give a bearer token or a token file, not both")
         # the one reader of the file that every channel of this config asks (read now: a bad path fails here)
-        object.__setattr__(self, "_token_file", TokenFile(self.token_file) if self.token_file else None)
+        if self.token_overlap_s < 0:
+            raise ValueError("token_overlap_s must be 0 or more")
+        object.__setattr__(self, "_token_file",
+                           TokenFile(self.token_file, self.token_overlap_s) if self.token_file else None)
 
     def bearer(self) -> Callable[[], str] | None:
-        """The token to send, asked on every call (None: no token)."""
+        """The token in force, asked on every call (None: no token)."""
         if self._token_file is not None:
             return self._token_file
         token = self.token
         return (lambda: token) if token else None
 
+    def authorization(self) -> Callable[[], tuple[tuple[str, str], ...]] | None:
+        """The `authorization` metadata entries of a call, asked on every call (None: no token): the token in
+        force, and during a rotation's overlap the one it replaced."""
+        if self._token_file is not None:
+            token_file = self._token_file
+            return lambda: tuple(("authorization", f"Bearer {t}") for t in token_file.presented())
+        if self.token:
+            entries = (("authorization", f"Bearer {self.token}"),)
+            return lambda: entries
+        return None
+
 
 class TokenFile:
     """A bearer token kept in a file: call it for the token in force. The file is stat-ed on each call and read
     again when it changed (the kubelet swaps a mounted Secret or a projected service-account token in place). A
-    file that later becomes unreadable or empty keeps the last good token; at construction it is an error."""
+    file that later becomes unreadable or empty keeps the last good token; at construction it is an error.
+    `presented()` adds the token a change replaced, for `overlap_s` seconds after the change."""
 
-    def __init__(self, path: str | Path):
+    def __init__(self, path: str | Path, overlap_s: float = 0.0):
         self.path = Path(path)
+        self._overlap_s = overlap_s
+        self._previous: str | None = None
+        self._previous_until = 0.0
         self._lock = threading.Lock()
         self._stamp: tuple[int, int, int] | None = None
         self._token = ""
@@ -125,9 +146,19 @@ class TokenFile:
                     token = self.path.read_text().strip()
                 except (OSError, UnicodeDecodeError):
                     return self._token
+                if token and token != self._token:
+                    self._previous, self._previous_until = self._token, time.monotonic() + self._overlap_s
                 if token:  # a half-written (empty) file is read again at the next call
                     self._token, self._stamp = token, stamp
         return self._token
+
+    def presented(self) -> tuple[str, ...]:
+        """The tokens a call carries: the one in force, then the one it replaced while the overlap lasts."""
+        token = self()
+        previous = self._previous
+        if previous is not None and time.monotonic() < self._previous_until:
+            return token, previous
+        return (token,)
 
 
 def service_config(config: ChannelConfig, services: Iterable[str] = _SERVICES) -> str:
@@ -172,31 +203,31 @@ def _channel_credentials(config: ChannelConfig) -> grpc.ChannelCredentials:
         private_key=_read(config.client_key, "client key"),
         certificate_chain=_read(config.client_certificate, "client certificate"),
     )
-    bearer = config.bearer()
-    if bearer is not None:
-        creds = grpc.composite_channel_credentials(creds, grpc.metadata_call_credentials(_TokenPlugin(bearer)))
+    authorization = config.authorization()
+    if authorization is not None:
+        creds = grpc.composite_channel_credentials(creds, grpc.metadata_call_credentials(_TokenPlugin(authorization)))
     return creds
 
 
 class _TokenPlugin(grpc.AuthMetadataPlugin):
     """Call credentials over TLS: `authorization: Bearer …` with the token in force at each call."""
 
-    def __init__(self, bearer: Callable[[], str]):
-        self._bearer = bearer
+    def __init__(self, authorization: Callable[[], tuple[tuple[str, str], ...]]):
+        self._authorization = authorization
 
     def __call__(self, context, callback):
-        callback((("authorization", f"Bearer {self._bearer()}"),), None)
+        callback(self._authorization(), None)
 
 
 class _BearerToken(grpc.UnaryUnaryClientInterceptor, grpc.UnaryStreamClientInterceptor,
                    grpc.StreamUnaryClientInterceptor, grpc.StreamStreamClientInterceptor):
     """Adds `authorization: Bearer …` to every call of a plaintext channel."""
 
-    def __init__(self, bearer: Callable[[], str]):
-        self._bearer = bearer
+    def __init__(self, authorization: Callable[[], tuple[tuple[str, str], ...]]):
+        self._authorization = authorization
 
     def _details(self, details):
-        metadata = [*(details.metadata or ()), ("authorization", f"Bearer {self._bearer()}")]
+        metadata = [*(details.metadata or ()), *self._authorization()]
         return details._replace(metadata=metadata) if hasattr(details, "_replace") else _Details(details, metadata)
 
     def intercept_unary_unary(self, continuation, details, request):
@@ -235,21 +266,20 @@ def open_channel(target: str, config: ChannelConfig) -> grpc.Channel:
     if config.tls:
         return grpc.secure_channel(target, _channel_credentials(config), options=options)
     channel = grpc.insecure_channel(target, options=options)
-    bearer = config.bearer()
-    if bearer is not None:
-        channel = grpc.intercept_channel(channel, _BearerToken(bearer))
+    authorization = config.authorization()
+    if authorization is not None:
+        channel = grpc.intercept_channel(channel, _BearerToken(authorization))
     return channel
 
 
 class _AioBearerToken(grpc.aio.UnaryUnaryClientInterceptor, grpc.aio.UnaryStreamClientInterceptor):
     """`_BearerToken` for `grpc.aio` channels (the SDK makes unary and server-streaming calls only)."""
 
-    def __init__(self, bearer: Callable[[], str]):
-        self._bearer = bearer
+    def __init__(self, authorization: Callable[[], tuple[tuple[str, str], ...]]):
+        self._authorization = authorization
 
     def _details(self, details: grpc.aio.ClientCallDetails) -> grpc.aio.ClientCallDetails:
-        header = ("authorization", f"Bearer {self._bearer()}")
-        metadata = grpc.aio.Metadata(*(tuple(details.metadata) if details.metadata else ()), header)
+        metadata = grpc.aio.Metadata(*(tuple(details.metadata) if details.metadata else ()), *self._authorization())
         return details._replace(metadata=metadata)
 
     async def intercept_unary_unary(self, continuation, details, request):
@@ -264,6 +294,6 @@ def open_aio_channel(target: str, config: ChannelConfig) -> grpc.aio.Channel:
     options = channel_options(config)
     if config.tls:
         return grpc.aio.secure_channel(target, _channel_credentials(config), options=options)
-    bearer = config.bearer()
-    interceptors = [_AioBearerToken(bearer)] if bearer is not None else None
+    authorization = config.authorization()
+    interceptors = [_AioBearerToken(authorization)] if authorization is not None else None
     return grpc.aio.insecure_channel(target, options=options, interceptors=interceptors)

@@ -233,6 +233,27 @@ MUTATIONS = (
         "",
         ("tests/test_credential_reload.py::test_a_rotated_token_is_required_from_the_next_interval_and_an_emptied_file_keeps_it",)),
     Mutation(
+        "the server accepts the replaced token for --auth-token-overlap-s after a rotation",
+        "services/common/credentials.py",
+        "        if previous is not None and time.monotonic() < self._previous_until:\n            return token, previous\n",
+        "",
+        ("tests/test_credential_reload.py::test_the_replaced_token_is_accepted_for_the_overlap_then_refused",
+         "tests/test_credential_reload.py::test_a_client_given_a_token_file_follows_its_rotation_without_a_restart")),
+    Mutation(
+        "a client sends the replaced token too during its overlap after its token file changed",
+        "client/channel.py",
+        "        if previous is not None and time.monotonic() < self._previous_until:\n            return token, previous\n",
+        "",
+        ("tests/test_credential_reload.py::test_a_client_sends_the_replaced_token_only_during_its_overlap",
+         "tests/test_credential_reload.py::test_a_client_given_a_token_file_follows_its_rotation_without_a_restart")),
+    Mutation(
+        "a call carrying several bearer tokens gets through when one of them is accepted",
+        "services/common/interceptors.py",
+        "                    presented.append(credential.strip().encode())\n",
+        "                    presented = presented or [credential.strip().encode()]  # the first one only\n",
+        ("tests/test_credential_reload.py::test_the_replaced_token_is_accepted_for_the_overlap_then_refused",
+         "tests/test_credential_reload.py::test_a_client_given_a_token_file_follows_its_rotation_without_a_restart")),
+    Mutation(
         "an emptied token file keeps the previous token",
         "services/common/credentials.py",
         "            problem = None if token else \"the file is empty\"\n",

@@ -48,9 +48,9 @@ def publish(folder: Path, files: dict[str, bytes]) -> None:
         shutil.rmtree(previous)
 
 
-def call(port: int, creds: grpc.ChannelCredentials, token: str | None = None) -> str:
-    """GetServerInfo on a new connection: "OK" or the status code's name."""
-    metadata = [("authorization", f"Bearer {token}")] if token else None
+def call(port: int, creds: grpc.ChannelCredentials, *tokens: str) -> str:
+    """GetServerInfo on a new connection, with an `authorization` entry per token: "OK" or the status code's name."""
+    metadata = [("authorization", f"Bearer {token}") for token in tokens] or None
     with grpc.secure_channel(
         f"localhost:{port}", creds, options=[("grpc.use_local_subchannel_pool", 1)]
     ) as ch:
@@ -195,11 +195,13 @@ def test_a_rotated_client_ca_accepts_its_clients_and_refuses_the_old_ones(
 def test_a_rotated_token_is_required_from_the_next_interval_and_an_emptied_file_keeps_it(
     pki, tiny_bundle_dir, tmp_path
 ):
+    """With no overlap (`--auth-token-overlap-s 0`, the setting for a leaked token) the replaced token is refused
+    from the next check on."""
     one = pki["one"]
     tls, secret = tmp_path / "tls", tmp_path / "auth"
     publish(tls, {"tls.key": one["server"][0], "tls.crt": one["server"][1]})
     publish(secret, {"token": b"first-token\n"})
-    running = _start(tiny_bundle_dir, tls, auth_token_file=secret / "token")
+    running = _start(tiny_bundle_dir, tls, auth_token_file=secret / "token", auth_token_overlap_s=0)
     creds = grpc.ssl_channel_credentials(one["ca"])
     try:
         assert call(running.port, creds, "first-token") == "OK"
@@ -220,13 +222,41 @@ def test_a_rotated_token_is_required_from_the_next_interval_and_an_emptied_file_
         running.stop(grace=0)
 
 
+def test_the_replaced_token_is_accepted_for_the_overlap_then_refused(pki, tiny_bundle_dir, tmp_path):
+    overlap = 2.0
+    one = pki["one"]
+    tls, secret = tmp_path / "tls", tmp_path / "auth"
+    publish(tls, {"tls.key": one["server"][0], "tls.crt": one["server"][1]})
+    publish(secret, {"token": b"first-token\n"})
+    running = _start(tiny_bundle_dir, tls, auth_token_file=secret / "token", auth_token_overlap_s=overlap)
+    creds = grpc.ssl_channel_credentials(one["ca"])
+    try:
+        publish(secret, {"token": b"second-token\n"})
+        changed = time.monotonic()  # after the files are in place
+        changes_within_interval(changed, lambda: call(running.port, creds, "second-token") == "OK")
+        # the server took the change at or after `changed`: the old token holds until `changed + overlap` at least
+        while (started := time.monotonic()) < changed + overlap - 0.5:
+            assert call(running.port, creds, "first-token") == "OK", f"refused {started - changed:.2f}s after"
+            time.sleep(0.1)
+        # and is refused once the overlap has run out (the change was taken within a reload interval)
+        time.sleep(max(0.0, changed + overlap + RELOAD_S + 0.2 - time.monotonic()))
+        assert call(running.port, creds, "first-token") == "UNAUTHENTICATED"
+        assert call(running.port, creds, "second-token") == "OK"
+        # a call carrying several tokens gets through when one of them is accepted, and only then
+        assert call(running.port, creds, "first-token", "second-token") == "OK"
+        assert call(running.port, creds, "first-token", "no-token") == "UNAUTHENTICATED"
+    finally:
+        running.stop(grace=0)
+
+
 @pytest.mark.parametrize("transport", ["tls", "plaintext", "tls-asyncio"])
 def test_a_client_given_a_token_file_follows_its_rotation_without_a_restart(
     transport, pki, tiny_bundle_dir, tmp_path
 ):
     """The SDK (and so `ice --token-file`, a batch Job) reads its token file again when it changes: the same client
-    object keeps getting through after the token is rotated in both pods' Secrets, and an emptied client file
-    keeps the last token."""
+    object keeps getting through, on every call, while the token is rotated in the two pods' Secrets in either
+    order (the kubelet updates each pod's copy at its own time; the overlaps of both sides cover the gap), and an
+    emptied client file keeps the last token."""
     import asyncio
 
     from client.aio import AsyncIceClient
@@ -264,14 +294,21 @@ def test_a_client_given_a_token_file_follows_its_rotation_without_a_restart(
 
     try:
         assert gets_through()
-        for secret in (server_secret, client_secret):  # each pod's mount is updated by its own kubelet
-            publish(secret, {"token": b"second-token\n"})
-        changed = time.monotonic()  # after the files are in place
-        changes_within_interval(changed, gets_through)
-        assert client.config.bearer()() == "second-token"
+        # the server's copy first: the client still sends the first token, which the server accepts meanwhile
+        publish(server_secret, {"token": b"second-token\n"})
+        stays_through_a_check(time.monotonic(), gets_through)
+        publish(client_secret, {"token": b"second-token\n"})
+        assert gets_through() and client.config.bearer()() == "second-token"
+        # the client's copy first: it sends the new token and the one it replaced, which the server still takes
+        publish(client_secret, {"token": b"third-token\n"})
+        assert gets_through() and client.config.bearer()() == "third-token"
+        assert client.config.authorization()() == (("authorization", "Bearer third-token"),
+                                                   ("authorization", "Bearer second-token"))
+        publish(server_secret, {"token": b"third-token\n"})
+        stays_through_a_check(time.monotonic(), gets_through)
 
         publish(client_secret, {"token": b"\n"})  # emptied on the client's side: the last token stays
-        assert gets_through() and client.config.bearer()() == "second-token"
+        assert gets_through() and client.config.bearer()() == "third-token"
     finally:
         if isinstance(client, AsyncIceClient):
             loop.run_until_complete(client.close())
@@ -279,6 +316,25 @@ def test_a_client_given_a_token_file_follows_its_rotation_without_a_restart(
             client.close()
         loop.close()
         running.stop(grace=0)
+
+
+def test_a_client_sends_the_replaced_token_only_during_its_overlap(tmp_path):
+    from client.channel import ChannelConfig
+
+    publish(tmp_path / "auth", {"token": b"first\n"})
+    configs = {overlap: ChannelConfig(token_file=tmp_path / "auth" / "token", token_overlap_s=overlap)
+               for overlap in (0.0, 0.5)}
+    assert {o: c.authorization()() for o, c in configs.items()} == {
+        o: (("authorization", "Bearer first"),) for o in configs}
+    publish(tmp_path / "auth", {"token": b"second\n"})
+    assert configs[0.0].authorization()() == (("authorization", "Bearer second"),)
+    assert configs[0.5].authorization()() == (("authorization", "Bearer second"), ("authorization", "Bearer first"))
+    time.sleep(0.6)
+    assert configs[0.5].authorization()() == (("authorization", "Bearer second"),)
+    assert ChannelConfig(token="fixed").authorization()() == (("authorization", "Bearer fixed"),)
+    assert ChannelConfig().authorization() is None
+    with pytest.raises(ValueError, match="token_overlap_s"):
+        ChannelConfig(token="t", token_overlap_s=-1)
 
 
 def test_a_token_file_that_cannot_be_used_is_refused_when_the_client_is_made(tmp_path):

@@ -415,7 +415,7 @@ def test_settings_precedence_and_validation(tmp_path):
     with pytest.raises(SystemExit, match="together"):
         from_sources(env={"ICE_TLS_CERT": str(tmp_path / "c")})
     (tmp_path / "tok").write_text("abc\n")
-    assert token_source(from_sources(env={"ICE_AUTH_TOKEN_FILE": str(tmp_path / "tok")}))() == "abc"
+    assert token_source(from_sources(env={"ICE_AUTH_TOKEN_FILE": str(tmp_path / "tok")}))() == ("abc",)
     assert from_sources(env={"ICE_AUTH_TOKEN": "zzz"}).redacted()["auth_token"] == "***"
 
 

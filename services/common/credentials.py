@@ -11,8 +11,9 @@ resolution). At most every `credentials_reload_s` seconds:
   changed and they are a usable set (certificate and key parse and belong together, the client CA parses), new
   connections get the new certificate and CA. Connections already open keep theirs until they close (at the
   latest at `max_connection_age_ms`).
-- The token: `TokenFile` is what `AuthInterceptor` asks on each call; a changed file's token is required from then
-  on, and the previous one is refused.
+- The token: `TokenFile` is what `AuthInterceptor` asks on each call; a changed file's token is accepted from then
+  on, and the previous one only for `auth_token_overlap_s` more seconds (the kubelet updates each pod's copy of a
+  Secret at its own time: a client whose copy is updated later still gets through meanwhile).
 
 A file that cannot be read, a certificate that does not parse or does not match its key, an empty token file: a
 warning is logged (once per bad version of the files) and the previous certificate or token stays in use. The
@@ -169,12 +170,16 @@ class ServerCertificates:
 
 
 class TokenFile:
-    """The bearer token of `--auth-token-file`: call it for the token in force. Re-read at most every `reload_s`
-    seconds; an unreadable or empty file keeps the previous token."""
+    """The bearer token of `--auth-token-file`: call it for the tokens accepted now (the one in the file, and the one
+    it replaced during `overlap_s` seconds after the change). Re-read at most every `reload_s` seconds; an
+    unreadable or empty file keeps the previous token."""
 
-    def __init__(self, path: Path, reload_s: float):
+    def __init__(self, path: Path, reload_s: float, overlap_s: float = 0.0):
         self._path = path
         self._throttle = _Throttle(reload_s)
+        self._overlap_s = overlap_s
+        self._previous: str | None = None
+        self._previous_until = 0.0
         self._lock = threading.Lock()
         try:
             token = path.read_text().strip()
@@ -185,11 +190,14 @@ class TokenFile:
         self._token = token
         self._warned: str | None = None
 
-    def __call__(self) -> str:
+    def __call__(self) -> tuple[str, ...]:
         if self._throttle.due():
             with self._lock:
                 self._reload()
-        return self._token
+        token, previous = self._token, self._previous
+        if previous is not None and time.monotonic() < self._previous_until:
+            return token, previous
+        return (token,)
 
     def _reload(self) -> None:
         try:
@@ -206,8 +214,13 @@ class TokenFile:
             return
         self._warned = None
         if token != self._token:
+            self._previous, self._previous_until = self._token, time.monotonic() + self._overlap_s
             self._token = token
-            log.info("auth: calls now need the new bearer token from %s", self._path)
+            if self._overlap_s > 0:
+                log.info("auth: calls now need the new bearer token from %s (the previous one is accepted for %g s "
+                         "more)", self._path, self._overlap_s)
+            else:
+                log.info("auth: calls now need the new bearer token from %s", self._path)
 
 
 def server_credentials(settings: Settings) -> grpc.ServerCredentials | None:
@@ -219,11 +232,11 @@ def server_credentials(settings: Settings) -> grpc.ServerCredentials | None:
     ).credentials()
 
 
-def token_source(settings: Settings) -> str | Callable[[], str] | None:
+def token_source(settings: Settings) -> str | Callable[[], tuple[str, ...]] | None:
     """The bearer token every call must carry: `--auth-token` as given, `--auth-token-file` re-read on change
-    (a `TokenFile`), or None when auth is off."""
+    (a `TokenFile`: the tokens accepted now), or None when auth is off."""
     if settings.auth_token:
         return settings.auth_token
     if settings.auth_token_file:
-        return TokenFile(settings.auth_token_file, settings.credentials_reload_s)
+        return TokenFile(settings.auth_token_file, settings.credentials_reload_s, settings.auth_token_overlap_s)
     return None

@@ -179,18 +179,24 @@ class MetricsInterceptor(grpc.ServerInterceptor):
 
 class AuthInterceptor(grpc.ServerInterceptor):
     """Requires `authorization: Bearer <token>` on every RPC except health checks. `token` is the token, or a
-    callable asked on each RPC for the one in force (`credentials.TokenFile`: the token file, reloaded on change)."""
+    callable asked on each RPC for the tokens accepted now (`credentials.TokenFile`: the token file, reloaded on
+    change, and during a rotation's overlap the token it replaced). A call may carry several `authorization`
+    entries (a client that has just seen its token file change sends the new token and the previous one); it is
+    let through when one of them is accepted."""
 
-    def __init__(self, token: str | Callable[[], str]):
-        self._token = token if callable(token) else (lambda: token)
+    def __init__(self, token: str | Callable[[], tuple[str, ...]]):
+        self._tokens = token if callable(token) else (lambda: (token,))
 
     def _allowed(self, metadata) -> bool:
+        presented = []
         for key, value in metadata or ():
             if key.lower() == "authorization":
-                scheme, _, presented = (value if isinstance(value, str) else value.decode()).partition(" ")
+                scheme, _, credential = (value if isinstance(value, str) else value.decode()).partition(" ")
                 if scheme.lower() == "bearer":
-                    return hmac.compare_digest(presented.strip().encode(), self._token().encode())
-        return False
+                    presented.append(credential.strip().encode())
+        accepted = [t.encode() for t in self._tokens()]
+        # every pair is compared (no early exit), so the time taken says nothing about which one matched
+        return sum(hmac.compare_digest(p, a) for p in presented[:4] for a in accepted) > 0
 
     def intercept_service(self, continuation, handler_call_details):
         handler = continuation(handler_call_details)

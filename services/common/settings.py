@@ -65,6 +65,11 @@ class Settings:
     auth_token_file: Path | None = _setting(
         None, "File holding the bearer token (e.g. a mounted Secret); re-read when it changes (--credentials-reload-s)."
     )
+    auth_token_overlap_s: float = _setting(
+        300.0, "After --auth-token-file changes, the token it replaced is still accepted for this many seconds, so "
+        "that clients whose copy of the Secret the kubelet updates later are not refused meanwhile; 0 = refused at "
+        "once (a leaked token)."
+    )
     credentials_reload_s: float = _setting(
         1.0, "Seconds between checks of the TLS files and --auth-token-file for new contents: a renewed certificate, "
         "client CA or token is used from the next connection or call, without a restart (a file that is unreadable, "
@@ -145,8 +150,9 @@ def validate(settings: Settings) -> None:
         raise SystemExit("--tls-cert and --tls-key must be given together")
     if settings.tls_client_ca and not settings.tls_cert:
         raise SystemExit("--tls-client-ca (mutual TLS) needs --tls-cert and --tls-key")
-    if settings.credentials_reload_s < 0:
-        raise SystemExit("--credentials-reload-s must be 0 or more")
+    for name in ("credentials_reload_s", "auth_token_overlap_s"):
+        if getattr(settings, name) < 0:
+            raise SystemExit(f"--{name.replace('_', '-')} must be 0 or more")
     for name in ("max_message_bytes", "max_workers", "max_concurrent_rpcs"):
         if getattr(settings, name) <= 0:
             raise SystemExit(f"--{name.replace('_', '-')} must be positive")
