@@ -43,6 +43,13 @@ def _handled(service: str, method: str, rpc_type: str, code: str) -> float:
     return REGISTRY.get_sample_value("grpc_server_handled_total", labels) or 0.0
 
 
+def _counted(service: str, method: str) -> dict[str, float]:
+    """grpc_server_handled_total of the method, by code."""
+    return {s.labels["grpc_code"]: s.value for metric in REGISTRY.collect() if metric.name == "grpc_server_handled"
+            for s in metric.samples if s.name == "grpc_server_handled_total"
+            and s.labels.get("grpc_service") == service and s.labels.get("grpc_method") == method}
+
+
 def _cancel_mid_stream(call_with, first_message) -> threading.Event:
     """Send one message, wait until the server has read it, then cancel while it waits for the next. Returns the
     event that ends the request iterator: set it only once the server has seen the cancellation, or the client
@@ -71,15 +78,23 @@ def _wait_for(predicate, seconds: float = 10.0) -> bool:
     return predicate()
 
 
+# When the client cancels, gRPC Python completes the servicer's pending read and marks the call cancelled in two
+# separate events; under load the read can come first and look like the client closing its side (the servicer
+# then answers a stream that ended: EvaluateSet INVALID_ARGUMENT "no item", reflection OK), and the caller, gone,
+# never sees that answer. Such a race is one of these codes, never INTERNAL or UNKNOWN; the test cancels up to
+# three times until the usual path, the cancellation seen, has been checked.
+ENDED_STREAM_CODE = {"EvaluateSet": "INVALID_ARGUMENT", "ServerReflectionInfo": "OK"}
+
+
 @pytest.mark.parametrize("which", ["EvaluateSet", "ServerReflectionInfo"])
 def test_a_cancelled_stream_is_cancelled_and_logged_quietly(channel, caplog, which):
     if which == "EvaluateSet":
-        service, rpc_type = "ice.evaluator.v1.EvaluatorService", "client_stream"
+        service = "ice.evaluator.v1.EvaluatorService"
         stub = evaluator_pb2_grpc.EvaluatorServiceStub(channel)
         call_with = lambda it: stub.EvaluateSet.future(it, timeout=60)  # noqa: E731
         first = pb.EvaluateSetRequest(options=pb.EvaluateOptions())
     else:
-        service, rpc_type = "grpc.reflection.v1alpha.ServerReflection", "bidi_stream"
+        service = "grpc.reflection.v1alpha.ServerReflection"
         stub = reflection_pb2_grpc.ServerReflectionStub(channel)
 
         def call_with(it):
@@ -88,19 +103,28 @@ def test_a_cancelled_stream_is_cancelled_and_logged_quietly(channel, caplog, whi
             return responses
 
         first = reflection_pb2.ServerReflectionRequest(list_services="")
-    before = {code: _handled(service, which, rpc_type, code) for code in ("CANCELLED", "INTERNAL", "UNKNOWN")}
-    with caplog.at_level(logging.INFO):
-        stop = _cancel_mid_stream(call_with, first)
-        try:
-            assert _wait_for(lambda: _handled(service, which, rpc_type, "CANCELLED") == before["CANCELLED"] + 1)
-        finally:
-            stop.set()
-    assert _handled(service, which, rpc_type, "INTERNAL") == before["INTERNAL"]
-    assert _handled(service, which, rpc_type, "UNKNOWN") == before["UNKNOWN"]
-    noisy = [r for r in caplog.records if r.levelno >= logging.WARNING or r.exc_info]
-    assert not noisy, [(r.name, r.levelname, r.getMessage()) for r in noisy]
-    quiet = [r for r in caplog.records if "CANCELLED" in r.getMessage() and which in r.getMessage()]
-    assert len(quiet) == 1 and quiet[0].levelno == logging.INFO
+    outcomes = []
+    for _attempt in range(3):
+        caplog.clear()
+        before = _counted(service, which)
+        expected = sum(before.values()) + 1
+        with caplog.at_level(logging.INFO):
+            stop = _cancel_mid_stream(call_with, first)
+            try:
+                assert _wait_for(lambda n=expected: sum(_counted(service, which).values()) == n)
+            finally:
+                stop.set()
+        after = _counted(service, which)
+        (code,) = [c for c in after if after[c] != before.get(c, 0.0)]
+        outcomes.append(code)
+        assert code in ("CANCELLED", ENDED_STREAM_CODE[which]), (outcomes, caplog.records)
+        noisy = [r for r in caplog.records if r.levelno >= logging.WARNING or r.exc_info]
+        assert not noisy, [(r.name, r.levelname, r.getMessage()) for r in noisy]
+        if code == "CANCELLED":
+            quiet = [r for r in caplog.records if "CANCELLED" in r.getMessage() and which in r.getMessage()]
+            assert len(quiet) == 1 and quiet[0].levelno == logging.INFO
+            break
+    assert outcomes[-1] == "CANCELLED", f"the cancellation was never seen as one: {outcomes}"
 
 
 def _drain(responses):
