@@ -361,7 +361,9 @@ def test_graceful_shutdown_finishes_in_flight_and_refuses_new(server):
     stopper = threading.Thread(target=running.stop, kwargs={"grace": 60})
     stopper.start()
 
-    # new calls on a fresh connection are refused while draining (polled: the drain has begun once one is refused)
+    # new calls on a fresh connection are refused while draining: first by the readiness gate ("not ready"), then
+    # by gRPC itself once its shutdown has begun (no new connection). Polled until the latter, so that the
+    # in-flight call is checked after the server was told to stop, not merely after readiness went down.
     def refused() -> bool:
         with grpc.insecure_channel(f"127.0.0.1:{running.port}") as fresh:
             try:
@@ -371,11 +373,16 @@ def test_graceful_shutdown_finishes_in_flight_and_refuses_new(server):
                 # a call that arrives exactly as the drain begins may be CANCELLED by it; once the drain has
                 # begun, every new call is UNAVAILABLE
                 assert err.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED), err
-                return err.code() == grpc.StatusCode.UNAVAILABLE
+                return err.code() == grpc.StatusCode.UNAVAILABLE and "not ready" not in (err.details() or "")
             return False
 
     assert _until(refused)
-    assert not future.done() and stopper.is_alive()  # the in-flight call is held by the gate: still draining
+    # the in-flight call is held by the gate: it stays pending through a second of the drain (a server that cut it
+    # off would have cancelled it by then), and the server keeps draining
+    held_until = time.monotonic() + 1.0
+    while time.monotonic() < held_until:
+        assert not future.done() and stopper.is_alive()
+        time.sleep(0.05)
     fake.release.set()
     assert future.result().width == 7  # the in-flight call completed
     stopper.join(60)
