@@ -307,19 +307,22 @@ def start_server(spec: ServiceSpec, settings: Settings, *, load_in_background: b
 def serve_forever(spec: ServiceSpec, settings: Settings) -> int:
     """Run until SIGTERM/SIGINT (graceful) or a failed model load (exit code 1)."""
     running = start_server(spec, settings)
-    stop_requested = threading.Event()
+    received: list[int] = []
 
     def on_signal(signum, _frame):
-        log.info("%s: received %s", spec.name, signal.Signals(signum).name)
-        stop_requested.set()
+        # Nothing that takes a lock: the handler runs in the main thread wherever it was interrupted, possibly inside
+        # a lock it would need (Event.set() inside Event.wait(), logging), or inside itself when signals come in a
+        # burst (a killed parent signals once per thread that dies); that would wait forever. A list append is safe.
+        received.append(signum)
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
-    while not stop_requested.is_set():
+    while not received:
         if running.failed.is_set():
             running.stop(grace=0)
             return 1
-        stop_requested.wait(0.2)
+        time.sleep(0.2)
+    log.info("%s: received %s", spec.name, signal.Signals(received[0]).name)
     running.stop()
     return 0
 

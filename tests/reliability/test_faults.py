@@ -512,3 +512,29 @@ def test_the_runner_survives_a_record_write_that_fails_as_a_job_starts(tiny_bund
             ops.CancelOperation(operations_pb2.CancelOperationRequest(name=job.name), timeout=30)
         channel.close()
         running_server.stop(grace=0)
+
+
+@pytest.mark.parametrize("when", ["loading", "ready"])
+def test_a_burst_of_sigterms_still_stops_the_service_gracefully(tiny_bundle_dir, tmp_path, when):
+    """A killed parent (`ice serve`, the demo) can send its services several SIGTERMs at once (the kernel signals a
+    child once for each of the parent's threads that dies), and a signal may land while the main thread is inside
+    any lock or inside the handler itself. The handler must take no lock and do no work: a service signalled again
+    and again, while it loads its models or once ready, stops once, gracefully, and exits 0 (a handler that logged
+    and set an Event aborted the process on such a burst during loading, 5 times in 6)."""
+    for attempt in range(3):
+        proc = ServiceProcess("evaluator", tiny_bundle_dir, tmp_path / f"evaluator-{attempt}.log")
+        try:
+            proc.wait_bound() if when == "loading" else proc.wait_ready()
+            for _ in range(50):
+                proc.signal(signal.SIGTERM)
+            deadline = time.monotonic() + 60
+            while "shutting down" not in proc.log_text():  # and one every ~millisecond until the stop has begun
+                assert proc.proc.poll() is None, proc.log_tail()
+                assert time.monotonic() < deadline, "not stopping 60 s after the first SIGTERM: " + proc.log_tail()
+                proc.signal(signal.SIGTERM)
+                time.sleep(0.001)
+            assert proc.proc.wait(PATIENCE) == 0, proc.log_tail()
+        finally:
+            proc.stop()
+        assert proc.log_text().count("shutting down") == 1, proc.log_tail()
+        assert "received SIGTERM" in proc.log_text()
