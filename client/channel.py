@@ -109,6 +109,25 @@ class ChannelConfig:
         return None
 
 
+class TokenOverlap:
+    """The token a rotation replaced, kept for `overlap_s` seconds after the rotation: the client sends it beside
+    the new one, the server accepts it beside the new one (`services.common.credentials.TokenFile`), so that the
+    side whose copy of a Secret is updated later is not refused meanwhile."""
+
+    def __init__(self, overlap_s: float):
+        self.overlap_s = overlap_s
+        self._previous: str | None = None
+        self._until = 0.0
+
+    def replaced(self, token: str) -> None:
+        self._previous, self._until = token, time.monotonic() + self.overlap_s
+
+    def tokens(self, current: str) -> tuple[str, ...]:
+        """`current`, then the replaced token while the overlap lasts."""
+        previous = self._previous
+        return (current, previous) if previous is not None and time.monotonic() < self._until else (current,)
+
+
 class TokenFile:
     """A bearer token kept in a file: call it for the token in force. The file is stat-ed on each call and read
     again when it changed (the kubelet swaps a mounted Secret or a projected service-account token in place). A
@@ -117,9 +136,7 @@ class TokenFile:
 
     def __init__(self, path: str | Path, overlap_s: float = 0.0):
         self.path = Path(path)
-        self._overlap_s = overlap_s
-        self._previous: str | None = None
-        self._previous_until = 0.0
+        self._overlap = TokenOverlap(overlap_s)
         self._lock = threading.Lock()
         self._stamp: tuple[int, int, int] | None = None
         self._token = ""
@@ -147,18 +164,14 @@ class TokenFile:
                 except (OSError, UnicodeDecodeError):
                     return self._token
                 if token and token != self._token:
-                    self._previous, self._previous_until = self._token, time.monotonic() + self._overlap_s
+                    self._overlap.replaced(self._token)
                 if token:  # a half-written (empty) file is read again at the next call
                     self._token, self._stamp = token, stamp
         return self._token
 
     def presented(self) -> tuple[str, ...]:
         """The tokens a call carries: the one in force, then the one it replaced while the overlap lasts."""
-        token = self()
-        previous = self._previous
-        if previous is not None and time.monotonic() < self._previous_until:
-            return token, previous
-        return (token,)
+        return self._overlap.tokens(self())
 
 
 def service_config(config: ChannelConfig, services: Iterable[str] = _SERVICES) -> str:

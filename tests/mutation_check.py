@@ -235,15 +235,15 @@ MUTATIONS = (
     Mutation(
         "the server accepts the replaced token for --auth-token-overlap-s after a rotation",
         "services/common/credentials.py",
-        "        if previous is not None and time.monotonic() < self._previous_until:\n            return token, previous\n",
-        "",
+        "        return self._overlap.tokens(self._token)\n",
+        "        return (self._token,)\n",
         ("tests/test_credential_reload.py::test_the_replaced_token_is_accepted_for_the_overlap_then_refused",
          "tests/test_credential_reload.py::test_a_client_given_a_token_file_follows_its_rotation_without_a_restart")),
     Mutation(
         "a client sends the replaced token too during its overlap after its token file changed",
         "client/channel.py",
-        "        if previous is not None and time.monotonic() < self._previous_until:\n            return token, previous\n",
-        "",
+        "        return self._overlap.tokens(self())\n",
+        "        return (self(),)\n",
         ("tests/test_credential_reload.py::test_a_client_sends_the_replaced_token_only_during_its_overlap",
          "tests/test_credential_reload.py::test_a_client_given_a_token_file_follows_its_rotation_without_a_restart")),
     Mutation(

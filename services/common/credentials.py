@@ -33,6 +33,7 @@ from pathlib import Path
 
 import grpc
 
+from client.channel import TokenOverlap
 from services.common.settings import Settings
 
 log = logging.getLogger("ice.server")
@@ -177,9 +178,7 @@ class TokenFile:
     def __init__(self, path: Path, reload_s: float, overlap_s: float = 0.0):
         self._path = path
         self._throttle = _Throttle(reload_s)
-        self._overlap_s = overlap_s
-        self._previous: str | None = None
-        self._previous_until = 0.0
+        self._overlap = TokenOverlap(overlap_s)
         self._lock = threading.Lock()
         try:
             token = path.read_text().strip()
@@ -194,10 +193,7 @@ class TokenFile:
         if self._throttle.due():
             with self._lock:
                 self._reload()
-        token, previous = self._token, self._previous
-        if previous is not None and time.monotonic() < self._previous_until:
-            return token, previous
-        return (token,)
+        return self._overlap.tokens(self._token)
 
     def _reload(self) -> None:
         try:
@@ -214,11 +210,11 @@ class TokenFile:
             return
         self._warned = None
         if token != self._token:
-            self._previous, self._previous_until = self._token, time.monotonic() + self._overlap_s
+            self._overlap.replaced(self._token)
             self._token = token
-            if self._overlap_s > 0:
+            if self._overlap.overlap_s > 0:
                 log.info("auth: calls now need the new bearer token from %s (the previous one is accepted for %g s "
-                         "more)", self._path, self._overlap_s)
+                         "more)", self._path, self._overlap.overlap_s)
             else:
                 log.info("auth: calls now need the new bearer token from %s", self._path)
 
