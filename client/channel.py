@@ -27,12 +27,13 @@ from __future__ import annotations
 import json
 import os
 import threading
-import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import grpc
+
+from ice.wire import TokenOverlap  # shared with the server's token file
 
 DEFAULT_TARGETS = {"localizer": "localhost:50051", "learner": "localhost:50052", "evaluator": "localhost:50053"}
 
@@ -107,25 +108,6 @@ class ChannelConfig:
             entries = (("authorization", f"Bearer {self.token}"),)
             return lambda: entries
         return None
-
-
-class TokenOverlap:
-    """The token a rotation replaced, kept for `overlap_s` seconds after the rotation: the client sends it beside
-    the new one, the server accepts it beside the new one (`services.common.credentials.TokenFile`), so that the
-    side whose copy of a Secret is updated later is not refused meanwhile."""
-
-    def __init__(self, overlap_s: float):
-        self.overlap_s = overlap_s
-        self._previous: str | None = None
-        self._until = 0.0
-
-    def replaced(self, token: str) -> None:
-        self._previous, self._until = token, time.monotonic() + self.overlap_s
-
-    def tokens(self, current: str) -> tuple[str, ...]:
-        """`current`, then the replaced token while the overlap lasts."""
-        previous = self._previous
-        return (current, previous) if previous is not None and time.monotonic() < self._until else (current,)
 
 
 class TokenFile:

@@ -33,7 +33,7 @@ from pathlib import Path
 
 import grpc
 
-from client.channel import TokenOverlap
+from ice.wire import TokenOverlap
 from services.common.settings import Settings
 
 log = logging.getLogger("ice.server")

@@ -2,7 +2,7 @@
 call's metadata), and the helpers the servicers use for their stage spans.
 
 Off by default: `start_server` installs the interceptor only once a tracer provider exists, which
-`configure_from_env` (client/tracing.py) installs when `OTEL_TRACES_EXPORTER` names an exporter (`otlp`,
+`configure_from_env` (ice/wire.py, shared with the SDK) installs when `OTEL_TRACES_EXPORTER` names an exporter (`otlp`,
 `console`, ...; every other setting comes from the standard `OTEL_*` variables, see docs/client.md). Each
 process is its own `service.name` (`ice-localizer`, `ice-learner`, `ice-evaluator` unless `OTEL_SERVICE_NAME`
 says otherwise); spans of each service come from a tracer of the same name.
@@ -18,7 +18,7 @@ from opentelemetry import context as otel_context
 from opentelemetry import trace
 from opentelemetry.trace import SpanKind, Status, StatusCode
 
-from client.tracing import TracingConfigError, configure_from_env, extract, is_configured, rpc_attributes
+from ice.wire import TracingConfigError, configure_from_env, extract, is_configured, rpc_attributes
 from services.common.interceptors import _code_name, _wrap
 
 __all__ = ["TracingConfigError", "TracingInterceptor", "configure_for", "record_localize_stages", "tracer"]

@@ -512,7 +512,7 @@ def build_spec(settings: LearnerSettings) -> ServiceSpec:
         # a bundle whose recommended options do not parse fails here, at start-up, not in a request
         state.bundle.recommended_defaults("schedule", Schedule())
         G.generation_defaults(state.bundle)
-        from client.tracing import is_configured
+        from ice.wire import is_configured
         from services.learner.tracing import TracedJobManager
 
         manager = TracedJobManager if is_configured() else JobManager  # a `learn` span per job, in its creator's trace
