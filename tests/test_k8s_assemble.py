@@ -62,6 +62,32 @@ def _under(arg: str, rootfs: Path, mounts: list[str]) -> str:
     return arg
 
 
+def host_argv(container: dict, rootfs: Path, command: list[str] | None = None,
+              executable: Path = ICE_BUNDLE) -> list[str]:
+    """The container's command as this machine runs it: its container paths moved under the fake root, then
+    `ice-bundle` replaced by this venv's. In that order: the venv is wherever the checkout is (under /tmp, say,
+    where the container mounts a volume of its own) and must not be taken for a container path."""
+    env = {e["name"]: e["value"] for e in container.get("env", []) if "value" in e}
+    argv = _expand(command or [*container["command"], *container.get("args", [])], env)
+    argv = [_under(a, rootfs, [m["mountPath"] for m in container["volumeMounts"]]) for a in argv]
+    return [str(executable) if a == "ice-bundle" else a for a in argv]
+
+
+def test_the_command_runs_this_venv_wherever_the_checkout_lives(tmp_path):
+    job = _assemble_job() if KUBECTL else {"spec": {"template": {"spec": {"initContainers": [
+        {"command": ["ice-bundle"], "args": ["assemble", "--out=/models/v1"],
+         "volumeMounts": [{"mountPath": "/tmp"}, {"mountPath": "/models"}]}]}}}}
+    (assemble,) = job["spec"]["template"]["spec"]["initContainers"]
+    mounts = [m["mountPath"] for m in assemble["volumeMounts"]]
+    assert "/tmp" in mounts  # the container mounts a volume at /tmp, where a checkout may well live
+    rootfs = tmp_path / "rootfs"
+    for checkout in (Path("/tmp/a-clone"), Path("/home/dev/ice"), Path("/models-src")):
+        executable = checkout / ".venv" / "bin" / "ice-bundle"
+        argv = host_argv(assemble, rootfs, executable=executable)
+        assert argv.count(str(executable)) == 1 and "ice-bundle" not in argv, argv
+        assert any(a.startswith(f"--out={rootfs}/models/") for a in argv), argv  # container paths still move
+
+
 def _weights(tiny: Path, into: Path) -> None:
     """The operator's weights, as the Job expects them on the share (from the tiny bundle's components)."""
     shutil.copytree(tiny / "diffusion", into / "diffusion")
@@ -88,10 +114,7 @@ def test_the_assemble_job_runs_on_a_mounted_volume_and_reruns(tiny_bundle_dir, t
         (rootfs / m["mountPath"].lstrip("/")).mkdir(parents=True, exist_ok=True)
 
     def run(container: dict, command: list[str] | None = None) -> subprocess.CompletedProcess:
-        env = {e["name"]: e["value"] for e in container.get("env", []) if "value" in e}
-        argv = _expand(command or [*container["command"], *container.get("args", [])], env)
-        argv = [str(ICE_BUNDLE) if a == "ice-bundle" else a for a in argv]
-        argv = [_under(a, rootfs, [m["mountPath"] for m in container["volumeMounts"]]) for a in argv]
+        argv = host_argv(container, rootfs, command)
         setup = [f"mount --bind {shlex.quote(str(rootfs))} {shlex.quote(str(rootfs))}",
                  f"mount -o remount,bind,ro {shlex.quote(str(rootfs))}"]
         for m in container["volumeMounts"]:
