@@ -11,11 +11,18 @@
     ice evaluate results/                             # a batch's results as one set: the paper's ACC protocol
     ice score-masks --predicted a.png b.png --ground-truth g1.png g2.png
 
-Exit codes: 0 success; 1 a service refused the work or a job failed; 2 bad usage, a file that is not an
-image, an output folder that cannot be written; 3 a service cannot be reached; 130 interrupted; 143 `ice batch`
-stopped by SIGTERM.
+Exit codes, one per kind of failure (the `kind` of a `--json` error):
+  0  success
+  1  failed: a learning job failed or was cancelled, a service failed or hit a limit (RESOURCE_EXHAUSTED: a full
+     queue, a job too large for the learner, an image above the pixel limit), any other service error
+  2  refused: bad usage; a file that cannot be read or is not a PNG/JPEG/WebP image; an output folder that
+     cannot be written; an input a service refuses as given (INVALID_ARGUMENT, OUT_OF_RANGE, NOT_FOUND: a 1x1
+     image, a mask of the wrong size, an unknown job), whether the service or, with --local, the same checks
+     in this process refuse it
+  3  unavailable: a service cannot be reached
+  130 interrupted; 143 `ice batch` stopped by SIGTERM
 Errors are one line on stderr ("ice: cannot reach the localizer at localhost:50051: ..."); with `--json` the
-result (or {"error": ...}) is printed as JSON on stdout.
+result (or {"error": ..., "kind": ...}) is printed as JSON on stdout.
 """
 
 from __future__ import annotations
@@ -33,6 +40,14 @@ from client.errors import IceClientError, JobFailed, ServiceError, ServiceUnavai
 
 EXIT_FAILED, EXIT_USAGE, EXIT_UNREACHABLE, EXIT_INTERRUPTED = 1, 2, 3, 130
 EXIT_TERMINATED = 143
+# status codes that mean "this input, as given, is refused": the same exit code as the CLI's own checks
+REFUSED_CODES = ("INVALID_ARGUMENT", "OUT_OF_RANGE", "NOT_FOUND")
+
+
+def _by_code(code: str, message: str) -> tuple[int, str, str]:
+    """(exit code, message, kind) of an error with the gRPC status code named `code`, answered by a service or
+    by the same checks made in this process (--local): the same exit code either way."""
+    return (EXIT_USAGE, message, "refused") if code in REFUSED_CODES else (EXIT_FAILED, message, "failed")
 
 
 class UsageError(Exception):
@@ -85,13 +100,14 @@ def _what_it_is(data: bytes) -> str:
 def check_local_image(data: bytes, path: str | Path) -> None:
     """With --local: the checks the localizer makes on an image (size limits, decodable pixels), before any model
     loads (seconds), so that a 1-pixel image is refused at once."""
+    from client.local import LocalError
     from services.common.errors import IceError
     from services.common.images import decode_image
 
     try:
         decode_image(data, field=str(path))
-    except IceError as exc:
-        raise UsageError(exc.message) from None
+    except IceError as exc:  # the exit code a service's refusal of this image would give
+        raise LocalError(exc.message, exc.code) from None
 
 
 def writable_dir(path: str | Path) -> Path:
@@ -652,10 +668,12 @@ def main(argv: list[str] | None = None) -> int:
         return fail(EXIT_USAGE, str(exc), "usage")
     except ServiceUnavailable as exc:
         return fail(EXIT_UNREACHABLE, str(exc), "unavailable")
-    except (ServiceError, JobFailed) as exc:
+    except ServiceError as exc:
+        return fail(*_by_code(exc.code.name, str(exc)))
+    except JobFailed as exc:
         return fail(EXIT_FAILED, str(exc), "failed")
-    except IceClientError as exc:
-        return fail(EXIT_FAILED, str(exc), "failed")
+    except IceClientError as exc:  # with --local: a step refused its input, as a service would have
+        return fail(*_by_code(getattr(exc, "code", ""), str(exc)))
     except ValueError as exc:  # e.g. an unknown enum name in an option
         return fail(EXIT_USAGE, str(exc), "usage")
     except OSError as exc:

@@ -36,8 +36,12 @@ class ServiceError(IceClientError):
 
     def _message(self) -> str:
         text = f"the {self.service} at {self.target} answered {self.code.name}: {self.details}"
-        if self.violations:
-            text += " (" + "; ".join(f"{v.field}: {v.description}" for v in self.violations) + ")"
+        # the services write a violation into the status message already ("image: size 1x1 ..."): only the
+        # violations the message does not say are added, so that nothing is said twice
+        extra = [f"{v.field}: {v.description}" for v in self.violations]
+        extra = [e for e in extra if e not in self.details]
+        if extra:
+            text += " (" + "; ".join(extra) + ")"
         return text
 
 

@@ -118,6 +118,31 @@ def test_local_refuses_a_tiny_image_before_any_model_loads(tmp_path, tiny_bundle
         LocalIce(tiny_bundle_dir).localize(pixel.read_bytes())
 
 
+def test_a_refused_image_is_one_message_and_the_same_exit_code_from_the_service_and_local(
+        tmp_path, tiny_bundle_dir, capsys):
+    """The real localizer refusing a 1x1 image: its detail once, on one line, and exit 2 as the same refusal made
+    in-process (--local) and as a file that is no image (each kind of failure has one exit code)."""
+    from tests.reliability.harness import start_inprocess
+
+    pixel = tmp_path / "pixel.png"
+    Image.new("RGB", (1, 1), (200, 10, 10)).save(pixel)
+    running = start_inprocess("localizer", tiny_bundle_dir)
+    try:
+        for extra in ([], ["--json"]):
+            code = main(["localize", str(pixel), "--localizer", f"127.0.0.1:{running.port}", *extra])
+            out = capsys.readouterr()
+            assert code == 2, out.err
+            err = out.err.strip()
+            assert "\n" not in err and err.startswith("ice: the localizer at ") and "INVALID_ARGUMENT" in err, err
+            assert err.count("size 1x1 is below the minimum") == 1, err
+            if extra:
+                assert json.loads(out.out) == {"error": err.removeprefix("ice: "), "kind": "refused"}
+    finally:
+        running.stop(grace=0)
+    assert main(["localize", str(pixel), "--local", "--bundle", str(tiny_bundle_dir)]) == 2
+    assert capsys.readouterr().err.count("size 1x1 is below the minimum") == 1
+
+
 def test_unwritable_output_folder(tmp_path, fakes, capsys):
     blocker = tmp_path / "file.txt"
     blocker.write_text("a file, not a folder")
@@ -129,11 +154,11 @@ def test_unwritable_output_folder(tmp_path, fakes, capsys):
         assert err == f"ice: cannot write to the output folder {blocker / 'sub'}: Not a directory"
 
 
-def test_bad_service_answer_is_exit_1_with_the_field(tmp_path, fakes, capsys):
+def test_bad_service_answer_is_exit_2_with_the_field(tmp_path, fakes, capsys):
     mask = tmp_path / "m.png"
     Image.fromarray(np.ones((10, 10), np.uint8) * 255).save(mask)  # not the photo's size
     code = main(["learn", "start", str(_photo(tmp_path / "p.png")), "--concept", f"bowl={mask}", *_targets(fakes)])
-    assert code == 1
+    assert code == 2  # the input is refused as given: the exit code of the CLI's own refusals
     err = capsys.readouterr().err
     assert "answered INVALID_ARGUMENT" in err and "concepts[0].mask" in err
 
