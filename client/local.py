@@ -53,7 +53,12 @@ def _encoder_scores(name: str, s) -> EncoderScores:
 
 
 class LocalError(IceClientError):
-    """A step refused its input (the same checks the services make, e.g. an undecodable image)."""
+    """A step refused its input (the same checks the services make, e.g. an undecodable image). `code` is the
+    gRPC status code's name a service would have answered with (the CLI's exit code follows it)."""
+
+    def __init__(self, message: str, code: str = "UNKNOWN"):
+        super().__init__(message)
+        self.code = code
 
 
 def _domain_errors(fn):
@@ -67,7 +72,7 @@ def _domain_errors(fn):
         try:
             return fn(*args, **kwargs)
         except IceError as exc:
-            raise LocalError(f"{exc.code}: {exc.message}") from exc
+            raise LocalError(f"{exc.code}: {exc.message}", exc.code) from exc
 
     return wrapper
 
