@@ -121,7 +121,7 @@ class LocalIce:
                             [(w, _as_sent(x)) for w, x in c.retrieval], encode_mask(c.mask))
                     for i, c in enumerate(r.concepts)]
         return LocalizeResult(concepts, r.width, r.height, r.rounds, _as_sent(r.remaining_fraction),
-                              r.stop_reason.upper(), list(r.timings))
+                              r.stop_reason.upper(), list(r.timings), _as_sent(r.uncovered_fraction))
 
     # --- learn ---------------------------------------------------------------------------------------------
     def _spec(self, image: bytes, concepts: Sequence[Concept], options: ExtractOptions):

@@ -104,6 +104,7 @@ def localize_result(r: localizer_pb2.LocalizeResponse) -> LocalizeResult:
         remaining_fraction=r.remaining_fraction,
         stop_reason=enum_name(localizer_pb2.StopReason, r.stop_reason, "STOP_REASON_"),
         timings=[(t.stage, t.seconds) for t in r.timings],
+        uncovered_fraction=r.uncovered_fraction,
     )
 
 

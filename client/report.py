@@ -279,8 +279,9 @@ def render_report(record: dict[str, Any], metrics: dict[str, Any]) -> str:
                  f'<figure>{_img(files["overlay"], "concept masks", size, pixelated)}<figcaption>masks and nouns: '
                  + ", ".join(f'{_e(c["concept_id"])} = {_e(c["noun"])}' for c in loc["concepts"])
                  + "</figcaption></figure>" + truth_figure + "</div>" + truth_table)
+    uncovered = loc.get("uncovered_fraction", loc["remaining_fraction"])  # an older record: the same quantity
     parts.append(f"<p>Localization: {loc['rounds']} round(s), stopped by {_e(loc['stop_reason'])}, "
-                 f"{100 * loc['remaining_fraction']:.1f}% of the image left uncovered.</p>")
+                 f"{100 * uncovered:.1f}% of the image covered by no concept.</p>")
     parts.append("<h2>Metrics</h2>" + _metrics_table(metrics)
                  + '<p><a href="metrics.json">metrics.json</a> · <a href="extraction.json">extraction.json</a></p>')
 
@@ -421,7 +422,8 @@ def load_extraction(folder: Path) -> Extraction:
                         (folder / record["files"]["masks"][c["concept_id"]]).read_bytes())
                 for c in loc["concepts"]]
     localization = LocalizeResult(concepts, loc["width"], loc["height"], loc["rounds"], loc["remaining_fraction"],
-                                  loc["stop_reason"], [tuple(t) for t in loc.get("timings", [])])
+                                  loc["stop_reason"], [tuple(t) for t in loc.get("timings", [])],
+                                  loc.get("uncovered_fraction", loc["remaining_fraction"]))
     learning = None
     if record.get("learning"):
         lr = record["learning"]

@@ -77,9 +77,10 @@ class LocalizeResult(_Jsonable):
     width: int
     height: int
     rounds: int
-    remaining_fraction: float
+    remaining_fraction: float  # of the pixels no round removed (as a noun or background): what the stop test used
     stop_reason: str  # e.g. "REMAINING_FRACTION"
     timings: list[tuple[str, float]] = field(default_factory=list)
+    uncovered_fraction: float = 1.0  # of the image's pixels that no returned concept covers
 
 
 # --- learner -----------------------------------------------------------------------------------------------

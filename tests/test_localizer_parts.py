@@ -203,7 +203,7 @@ def test_loop_is_deterministic_and_respects_the_crop(localizer, photo):
     options = LocalizeOptions(merge_threshold=0.0008, min_area_fraction=0.0, max_rounds=2)
     a = localizer.localize(photo, options)
     b = localizer.localize(photo, options)
-    assert a.stop_reason in ("remaining_fraction", "max_rounds", "no_progress", "no_new_noun")
+    assert a.stop_reason in ("remaining_fraction", "max_rounds", "no_progress", "no_new_noun", "no_concept")
     assert len(a.concepts) == len(b.concepts) > 0
     for x, y in zip(a.concepts, b.concepts, strict=True):
         assert x.noun == y.noun and np.array_equal(x.mask, y.mask)
@@ -213,9 +213,11 @@ def test_loop_is_deterministic_and_respects_the_crop(localizer, photo):
         nouns_by_round.setdefault(c.round, set()).add(c.noun)
     assert all(len(v) == 1 for v in nouns_by_round.values())  # one noun per round
     assert len({next(iter(v)) for v in nouns_by_round.values()}) == len(nouns_by_round)  # never the same twice
-    # default options (merge threshold 1.1) on the tiny random UNet: one segment, voted background: all removed
+    # default options (merge threshold 1.1) on the tiny random UNet: one segment, voted background: all removed,
+    # nothing found
     plain = localizer.localize(photo)
-    assert plain.stop_reason == "remaining_fraction" and plain.removed.all()
+    assert plain.stop_reason == "no_concept" and plain.removed.all() and not plain.concepts
+    assert plain.remaining_fraction == 0.0 and plain.uncovered_fraction == 1.0
 
 
 def test_cli_writes_masks_overlay_and_json(tiny_bundle_dir, photo, tmp_path, capsys):

@@ -72,7 +72,7 @@ def test_localizes_a_real_photo_masks_at_its_size(stub, photo_png):
         # the centre-crop square of a 600x400 photo is columns 100..499: nothing outside it
         assert not mask[:, :100].any() and not mask[:, 500:].any()
         covered |= mask > 0
-    assert response.remaining_fraction == pytest.approx(1 - covered.mean(), abs=1e-6)
+    assert response.uncovered_fraction == pytest.approx(1 - covered.mean(), abs=1e-6)
     rounds = [c.round for c in response.concepts]
     assert rounds == sorted(rounds)
     stages = [t.stage for t in response.timings]
@@ -237,6 +237,38 @@ def test_each_stop_reason_is_reported(stub, monkeypatch):
     stuck = ask(max_rounds=4, remaining_fraction_threshold=0.0)
     assert stuck.stop_reason == localizer_pb2.STOP_REASON_NO_PROGRESS
     assert stuck.rounds == 1 and not stuck.concepts and stuck.remaining_fraction == 1.0
+    for answer in (capped, wordless, stuck):
+        assert (answer.uncovered_fraction == 1.0) == (not answer.concepts)
+
+
+def test_the_remaining_fraction_is_what_the_stop_test_compares_and_nothing_found_says_so(stub):
+    """`remaining_fraction` is the quantity the stop test compares with the threshold (the pixels no round removed,
+    as a noun or as background), so REMAINING_FRACTION always comes with a fraction at or below the threshold;
+    an image the background takes whole is NO_CONCEPT, with nothing remaining and everything uncovered."""
+
+    def ask(**options) -> localizer_pb2.LocalizeResponse:
+        return stub.Localize(localizer_pb2.LocalizeRequest(image=SMALL, options=localizer_pb2.LocalizeOptions(
+            **options)), timeout=600)
+
+    answers = {}
+    for threshold in (0.0, 0.5, 0.95):
+        answers[threshold] = ask(merge_threshold=0.0008, min_area_fraction=0.0, max_rounds=3,
+                                 remaining_fraction_threshold=threshold)
+    answers["default"] = ask()  # the tiny random UNet's one segment is voted background: the whole image goes
+    assert any(a.stop_reason == localizer_pb2.STOP_REASON_REMAINING_FRACTION for a in answers.values()), answers
+    for threshold, a in answers.items():
+        limit = 0.1 if threshold == "default" else threshold
+        assert 0.0 <= a.remaining_fraction <= 1.0 and 0.0 <= a.uncovered_fraction <= 1.0
+        if a.stop_reason == localizer_pb2.STOP_REASON_REMAINING_FRACTION:
+            assert a.concepts and a.remaining_fraction <= limit, (threshold, a.remaining_fraction)
+        elif a.stop_reason == localizer_pb2.STOP_REASON_MAX_ROUNDS:
+            assert a.concepts and a.remaining_fraction > limit and a.rounds == 3, (threshold, a.remaining_fraction)
+        # the concepts' pixels were removed with them: what remains is at most what no concept covers
+        assert a.remaining_fraction <= a.uncovered_fraction + 1e-6, (threshold, a)
+    nothing = answers["default"]
+    assert not nothing.concepts and nothing.rounds == 1
+    assert nothing.stop_reason == localizer_pb2.STOP_REASON_NO_CONCEPT
+    assert nothing.remaining_fraction == 0.0 and nothing.uncovered_fraction == 1.0
 
 
 def test_server_info(stub, tiny_bundle):

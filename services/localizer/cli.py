@@ -58,6 +58,7 @@ def write_outputs(image: Image.Image, result: LocalizeResult, out: Path) -> dict
     overlay(image, result).save(out / "overlay.png")
     summary = {"width": result.width, "height": result.height, "rounds": result.rounds,
                "stop_reason": result.stop_reason, "remaining_fraction": result.remaining_fraction,
+               "uncovered_fraction": result.uncovered_fraction,
                "concepts": concepts, "timings": [{"stage": s, "seconds": t} for s, t in result.timings]}
     (out / "concepts.json").write_text(json.dumps(summary, indent=2) + "\n")
     return summary

@@ -23,7 +23,7 @@ from services.localizer.retriever import Reranker, Retriever
 from services.localizer.segmentor import DiffSegConfig, Segmentation, instances, segment, word_token_positions
 
 PROMPT_WORDS = ("things", "background")  # the prompt is "<noun> things background"
-STOP_REASONS = ("remaining_fraction", "max_rounds", "max_concepts", "no_progress", "no_new_noun")
+STOP_REASONS = ("remaining_fraction", "max_rounds", "max_concepts", "no_progress", "no_new_noun", "no_concept")
 
 
 @dataclass(frozen=True)
@@ -55,11 +55,12 @@ class LocalizeResult:
     concepts: list[Concept]
     timings: list[tuple[str, float]]
     rounds: int
-    remaining_fraction: float  # of the input's pixels outside every returned concept
+    remaining_fraction: float  # of the square's pixels the loop had not removed: what the stop test compares
     width: int
     height: int
     stop_reason: str  # one of STOP_REASONS
     removed: np.ndarray = field(repr=False, default=None)  # bool [S, S]: what the loop removed (on the square)
+    uncovered_fraction: float = 1.0  # of the input's pixels outside every returned concept
 
 
 class Localizer:
@@ -152,7 +153,7 @@ class Localizer:
                 stop = "no_progress"
                 break
             removed |= newly_removed
-            if 1.0 - removed.mean() <= options.remaining_fraction_threshold:
+            if remaining(removed) <= options.remaining_fraction_threshold:
                 stop = "remaining_fraction"
                 break
 
@@ -168,13 +169,22 @@ class Localizer:
         concepts = [c for c in concepts if c.area_fraction > 0]
         concepts.sort(key=lambda c: (c.round, -c.area_fraction))
         timings.append(("masks", time.perf_counter() - t0))
+        if not concepts and stop in ("remaining_fraction", "max_rounds"):
+            stop = "no_concept"  # the pixels went to background (or to segments too small): nothing was found
         return LocalizeResult(
             concepts=concepts,
             timings=timings,
             rounds=rounds,
-            remaining_fraction=float(1.0 - covered.mean()),
+            remaining_fraction=remaining(removed),
             width=width,
             height=height,
             stop_reason=stop,
             removed=removed,
+            uncovered_fraction=float(1.0 - covered.mean()),
         )
+
+
+def remaining(removed: np.ndarray) -> float:
+    """The loop's remaining fraction: the share of the square's pixels that no round removed (as a noun's segment
+    or as background). The stop test compares it with `remaining_fraction_threshold`, and the response reports it."""
+    return float(1.0 - removed.mean())

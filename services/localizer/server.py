@@ -41,6 +41,7 @@ _STOP_REASON = {
     "max_concepts": localizer_pb2.STOP_REASON_MAX_CONCEPTS,
     "no_progress": localizer_pb2.STOP_REASON_NO_PROGRESS,
     "no_new_noun": localizer_pb2.STOP_REASON_NO_NEW_NOUN,
+    "no_concept": localizer_pb2.STOP_REASON_NO_CONCEPT,
 }
 _REFINEMENT = {
     localizer_pb2.REFINEMENT_UNSPECIFIED: "kmeans",
@@ -149,6 +150,7 @@ class LocalizerServicer(localizer_pb2_grpc.LocalizerServiceServicer):
             width=result.width,
             height=result.height,
             stop_reason=_STOP_REASON[result.stop_reason],
+            uncovered_fraction=result.uncovered_fraction,
         )
 
     def GetServerInfo(self, request, context) -> localizer_pb2.GetServerInfoResponse:

@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from ice.common.v1 import common_pb2 as ice_dot_common_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n ice/localizer/v1/localizer.proto\x12\x10ice.localizer.v1\x1a\x1aice/common/v1/common.proto\"T\n\x0fLocalizeRequest\x12\r\n\x05image\x18\x01 \x01(\x0c\x12\x32\n\x07options\x18\x02 \x01(\x0b\x32!.ice.localizer.v1.LocalizeOptions\"\xdf\x03\n\x0fLocalizeOptions\x12\x19\n\x0cmax_concepts\x18\x01 \x01(\x05H\x00\x88\x01\x01\x12\x17\n\nmax_rounds\x18\x02 \x01(\x05H\x01\x88\x01\x01\x12)\n\x1cremaining_fraction_threshold\x18\x03 \x01(\x02H\x02\x88\x01\x01\x12\x17\n\nl1_penalty\x18\x04 \x01(\x02H\x03\x88\x01\x01\x12\x1e\n\x11min_area_fraction\x18\x05 \x01(\x02H\x04\x88\x01\x01\x12\x1c\n\x0fmerge_threshold\x18\x06 \x01(\x02H\x05\x88\x01\x01\x12\x19\n\x0cmerge_rounds\x18\x07 \x01(\x05H\x06\x88\x01\x01\x12\x15\n\x08timestep\x18\x08 \x01(\x05H\x07\x88\x01\x01\x12\x11\n\x04seed\x18\t \x01(\x04H\x08\x88\x01\x01\x12\x30\n\nrefinement\x18\n \x01(\x0e\x32\x1c.ice.localizer.v1.RefinementB\x0f\n\r_max_conceptsB\r\n\x0b_max_roundsB\x1f\n\x1d_remaining_fraction_thresholdB\r\n\x0b_l1_penaltyB\x14\n\x12_min_area_fractionB\x12\n\x10_merge_thresholdB\x0f\n\r_merge_roundsB\x0b\n\t_timestepB\x07\n\x05_seed\"\xe7\x01\n\x10LocalizeResponse\x12(\n\x08\x63oncepts\x18\x01 \x03(\x0b\x32\x16.ice.common.v1.Concept\x12+\n\x07timings\x18\x02 \x03(\x0b\x32\x1a.ice.common.v1.StageTiming\x12\x0e\n\x06rounds\x18\x03 \x01(\x05\x12\x1a\n\x12remaining_fraction\x18\x04 \x01(\x02\x12\r\n\x05width\x18\x05 \x01(\x05\x12\x0e\n\x06height\x18\x06 \x01(\x05\x12\x31\n\x0bstop_reason\x18\x07 \x01(\x0e\x32\x1c.ice.localizer.v1.StopReason\"\x16\n\x14GetServerInfoRequest\"@\n\x15GetServerInfoResponse\x12\'\n\x04info\x18\x01 \x01(\x0b\x32\x19.ice.common.v1.ServerInfo*T\n\nRefinement\x12\x1a\n\x16REFINEMENT_UNSPECIFIED\x10\x00\x12\x13\n\x0fREFINEMENT_NONE\x10\x01\x12\x15\n\x11REFINEMENT_KMEANS\x10\x02*\xc1\x01\n\nStopReason\x12\x1b\n\x17STOP_REASON_UNSPECIFIED\x10\x00\x12\"\n\x1eSTOP_REASON_REMAINING_FRACTION\x10\x01\x12\x1a\n\x16STOP_REASON_MAX_ROUNDS\x10\x02\x12\x1c\n\x18STOP_REASON_MAX_CONCEPTS\x10\x03\x12\x1b\n\x17STOP_REASON_NO_PROGRESS\x10\x04\x12\x1b\n\x17STOP_REASON_NO_NEW_NOUN\x10\x05\x32\xc7\x01\n\x10LocalizerService\x12Q\n\x08Localize\x12!.ice.localizer.v1.LocalizeRequest\x1a\".ice.localizer.v1.LocalizeResponse\x12`\n\rGetServerInfo\x12&.ice.localizer.v1.GetServerInfoRequest\x1a\'.ice.localizer.v1.GetServerInfoResponseB\x02P\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n ice/localizer/v1/localizer.proto\x12\x10ice.localizer.v1\x1a\x1aice/common/v1/common.proto\"T\n\x0fLocalizeRequest\x12\r\n\x05image\x18\x01 \x01(\x0c\x12\x32\n\x07options\x18\x02 \x01(\x0b\x32!.ice.localizer.v1.LocalizeOptions\"\xdf\x03\n\x0fLocalizeOptions\x12\x19\n\x0cmax_concepts\x18\x01 \x01(\x05H\x00\x88\x01\x01\x12\x17\n\nmax_rounds\x18\x02 \x01(\x05H\x01\x88\x01\x01\x12)\n\x1cremaining_fraction_threshold\x18\x03 \x01(\x02H\x02\x88\x01\x01\x12\x17\n\nl1_penalty\x18\x04 \x01(\x02H\x03\x88\x01\x01\x12\x1e\n\x11min_area_fraction\x18\x05 \x01(\x02H\x04\x88\x01\x01\x12\x1c\n\x0fmerge_threshold\x18\x06 \x01(\x02H\x05\x88\x01\x01\x12\x19\n\x0cmerge_rounds\x18\x07 \x01(\x05H\x06\x88\x01\x01\x12\x15\n\x08timestep\x18\x08 \x01(\x05H\x07\x88\x01\x01\x12\x11\n\x04seed\x18\t \x01(\x04H\x08\x88\x01\x01\x12\x30\n\nrefinement\x18\n \x01(\x0e\x32\x1c.ice.localizer.v1.RefinementB\x0f\n\r_max_conceptsB\r\n\x0b_max_roundsB\x1f\n\x1d_remaining_fraction_thresholdB\r\n\x0b_l1_penaltyB\x14\n\x12_min_area_fractionB\x12\n\x10_merge_thresholdB\x0f\n\r_merge_roundsB\x0b\n\t_timestepB\x07\n\x05_seed\"\x83\x02\n\x10LocalizeResponse\x12(\n\x08\x63oncepts\x18\x01 \x03(\x0b\x32\x16.ice.common.v1.Concept\x12+\n\x07timings\x18\x02 \x03(\x0b\x32\x1a.ice.common.v1.StageTiming\x12\x0e\n\x06rounds\x18\x03 \x01(\x05\x12\x1a\n\x12remaining_fraction\x18\x04 \x01(\x02\x12\r\n\x05width\x18\x05 \x01(\x05\x12\x0e\n\x06height\x18\x06 \x01(\x05\x12\x31\n\x0bstop_reason\x18\x07 \x01(\x0e\x32\x1c.ice.localizer.v1.StopReason\x12\x1a\n\x12uncovered_fraction\x18\x08 \x01(\x02\"\x16\n\x14GetServerInfoRequest\"@\n\x15GetServerInfoResponse\x12\'\n\x04info\x18\x01 \x01(\x0b\x32\x19.ice.common.v1.ServerInfo*T\n\nRefinement\x12\x1a\n\x16REFINEMENT_UNSPECIFIED\x10\x00\x12\x13\n\x0fREFINEMENT_NONE\x10\x01\x12\x15\n\x11REFINEMENT_KMEANS\x10\x02*\xdd\x01\n\nStopReason\x12\x1b\n\x17STOP_REASON_UNSPECIFIED\x10\x00\x12\"\n\x1eSTOP_REASON_REMAINING_FRACTION\x10\x01\x12\x1a\n\x16STOP_REASON_MAX_ROUNDS\x10\x02\x12\x1c\n\x18STOP_REASON_MAX_CONCEPTS\x10\x03\x12\x1b\n\x17STOP_REASON_NO_PROGRESS\x10\x04\x12\x1b\n\x17STOP_REASON_NO_NEW_NOUN\x10\x05\x12\x1a\n\x16STOP_REASON_NO_CONCEPT\x10\x06\x32\xc7\x01\n\x10LocalizerService\x12Q\n\x08Localize\x12!.ice.localizer.v1.LocalizeRequest\x1a\".ice.localizer.v1.LocalizeResponse\x12`\n\rGetServerInfo\x12&.ice.localizer.v1.GetServerInfoRequest\x1a\'.ice.localizer.v1.GetServerInfoResponseB\x02P\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -33,20 +33,20 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'ice.localizer.v1.localizer_
 if not _descriptor._USE_C_DESCRIPTORS:
   _globals['DESCRIPTOR']._loaded_options = None
   _globals['DESCRIPTOR']._serialized_options = b'P\001'
-  _globals['_REFINEMENT']._serialized_start=974
-  _globals['_REFINEMENT']._serialized_end=1058
-  _globals['_STOPREASON']._serialized_start=1061
-  _globals['_STOPREASON']._serialized_end=1254
+  _globals['_REFINEMENT']._serialized_start=1002
+  _globals['_REFINEMENT']._serialized_end=1086
+  _globals['_STOPREASON']._serialized_start=1089
+  _globals['_STOPREASON']._serialized_end=1310
   _globals['_LOCALIZEREQUEST']._serialized_start=82
   _globals['_LOCALIZEREQUEST']._serialized_end=166
   _globals['_LOCALIZEOPTIONS']._serialized_start=169
   _globals['_LOCALIZEOPTIONS']._serialized_end=648
   _globals['_LOCALIZERESPONSE']._serialized_start=651
-  _globals['_LOCALIZERESPONSE']._serialized_end=882
-  _globals['_GETSERVERINFOREQUEST']._serialized_start=884
-  _globals['_GETSERVERINFOREQUEST']._serialized_end=906
-  _globals['_GETSERVERINFORESPONSE']._serialized_start=908
-  _globals['_GETSERVERINFORESPONSE']._serialized_end=972
-  _globals['_LOCALIZERSERVICE']._serialized_start=1257
-  _globals['_LOCALIZERSERVICE']._serialized_end=1456
+  _globals['_LOCALIZERESPONSE']._serialized_end=910
+  _globals['_GETSERVERINFOREQUEST']._serialized_start=912
+  _globals['_GETSERVERINFOREQUEST']._serialized_end=934
+  _globals['_GETSERVERINFORESPONSE']._serialized_start=936
+  _globals['_GETSERVERINFORESPONSE']._serialized_end=1000
+  _globals['_LOCALIZERSERVICE']._serialized_start=1313
+  _globals['_LOCALIZERSERVICE']._serialized_end=1512
 # @@protoc_insertion_point(module_scope)

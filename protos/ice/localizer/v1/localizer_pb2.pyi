@@ -22,6 +22,7 @@ class StopReason(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     STOP_REASON_MAX_CONCEPTS: _ClassVar[StopReason]
     STOP_REASON_NO_PROGRESS: _ClassVar[StopReason]
     STOP_REASON_NO_NEW_NOUN: _ClassVar[StopReason]
+    STOP_REASON_NO_CONCEPT: _ClassVar[StopReason]
 REFINEMENT_UNSPECIFIED: Refinement
 REFINEMENT_NONE: Refinement
 REFINEMENT_KMEANS: Refinement
@@ -31,6 +32,7 @@ STOP_REASON_MAX_ROUNDS: StopReason
 STOP_REASON_MAX_CONCEPTS: StopReason
 STOP_REASON_NO_PROGRESS: StopReason
 STOP_REASON_NO_NEW_NOUN: StopReason
+STOP_REASON_NO_CONCEPT: StopReason
 
 class LocalizeRequest(_message.Message):
     __slots__ = ("image", "options")
@@ -65,7 +67,7 @@ class LocalizeOptions(_message.Message):
     def __init__(self, max_concepts: _Optional[int] = ..., max_rounds: _Optional[int] = ..., remaining_fraction_threshold: _Optional[float] = ..., l1_penalty: _Optional[float] = ..., min_area_fraction: _Optional[float] = ..., merge_threshold: _Optional[float] = ..., merge_rounds: _Optional[int] = ..., timestep: _Optional[int] = ..., seed: _Optional[int] = ..., refinement: _Optional[_Union[Refinement, str]] = ...) -> None: ...
 
 class LocalizeResponse(_message.Message):
-    __slots__ = ("concepts", "timings", "rounds", "remaining_fraction", "width", "height", "stop_reason")
+    __slots__ = ("concepts", "timings", "rounds", "remaining_fraction", "width", "height", "stop_reason", "uncovered_fraction")
     CONCEPTS_FIELD_NUMBER: _ClassVar[int]
     TIMINGS_FIELD_NUMBER: _ClassVar[int]
     ROUNDS_FIELD_NUMBER: _ClassVar[int]
@@ -73,6 +75,7 @@ class LocalizeResponse(_message.Message):
     WIDTH_FIELD_NUMBER: _ClassVar[int]
     HEIGHT_FIELD_NUMBER: _ClassVar[int]
     STOP_REASON_FIELD_NUMBER: _ClassVar[int]
+    UNCOVERED_FRACTION_FIELD_NUMBER: _ClassVar[int]
     concepts: _containers.RepeatedCompositeFieldContainer[_common_pb2.Concept]
     timings: _containers.RepeatedCompositeFieldContainer[_common_pb2.StageTiming]
     rounds: int
@@ -80,7 +83,8 @@ class LocalizeResponse(_message.Message):
     width: int
     height: int
     stop_reason: StopReason
-    def __init__(self, concepts: _Optional[_Iterable[_Union[_common_pb2.Concept, _Mapping]]] = ..., timings: _Optional[_Iterable[_Union[_common_pb2.StageTiming, _Mapping]]] = ..., rounds: _Optional[int] = ..., remaining_fraction: _Optional[float] = ..., width: _Optional[int] = ..., height: _Optional[int] = ..., stop_reason: _Optional[_Union[StopReason, str]] = ...) -> None: ...
+    uncovered_fraction: float
+    def __init__(self, concepts: _Optional[_Iterable[_Union[_common_pb2.Concept, _Mapping]]] = ..., timings: _Optional[_Iterable[_Union[_common_pb2.StageTiming, _Mapping]]] = ..., rounds: _Optional[int] = ..., remaining_fraction: _Optional[float] = ..., width: _Optional[int] = ..., height: _Optional[int] = ..., stop_reason: _Optional[_Union[StopReason, str]] = ..., uncovered_fraction: _Optional[float] = ...) -> None: ...
 
 class GetServerInfoRequest(_message.Message):
     __slots__ = ()
