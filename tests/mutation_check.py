@@ -154,9 +154,9 @@ MUTATIONS = (
         "--max-images-per-request is the limit of a request's images",
         "services/evaluator/server.py",
         "        if total > s.max_images_per_request:\n            raise ResourceExhausted(f\"{total} images exceed the "
-        "limit of {s.max_images_per_request} per request\",",
+        "limit of {s.max_images_per_request} per \"",
         "        if total > 1024:\n            raise ResourceExhausted(f\"{total} images exceed the "
-        "limit of {s.max_images_per_request} per request\",",
+        "limit of {s.max_images_per_request} per \"",
         ("tests/test_evaluator_server.py::test_max_images_per_request_and_max_set_items_are_the_settings_limits",)),
     Mutation(
         "--max-set-items is the limit of a set's items",

@@ -2,11 +2,16 @@
 
 Field paths in errors follow the request: `concepts[1].mask`, `concepts[0].images[3]`, `options.encoders`; in
 `EvaluateSet` an item's fields are prefixed with its 0-based position among the items, e.g.
-`items[4].concepts[0].images[2]`. Generated images are decoded lazily, one embedding batch at a time, so a
-corrupt one is reported when its batch is reached; everything else (counts, limits, ids, masks, options) is
-checked before any model runs. An `EvaluateSet` item may continue in `continuation` messages: they are appended
-to the item (its limits checked as each arrives) and the item is scored once the next item or the end of the
-stream shows that it is complete.
+`items[4].concepts[0].images[2]`.
+
+A request is refused before it costs anything it does not need: first its shape (options, counts, limits, ids:
+nothing is decoded), then its source image and masks, then every generated and composition image is decoded
+(and so checked) before any encoder runs. `PendingItem` holds what was decoded: the first images up to
+`DECODED_BYTES` of pixels are kept for the encoders, the others are decoded again when their embedding batch
+comes, so a request of a thousand images holds no more than that. An `EvaluateSet` item may continue in
+`continuation` messages: each is checked as it arrives, and an item is scored only once the next item (checked
+the same way) or the end of the stream shows that it is complete, so a set whose next item is refused has spent
+no encoder pass on the item before it either.
 """
 
 from __future__ import annotations
@@ -32,6 +37,7 @@ SERVICE = evaluator_pb2.DESCRIPTOR.services_by_name["EvaluatorService"].full_nam
 TRACER = tracer("evaluator")
 MAX_MASKS = 256  # per side of a ScoreMasks request (the proto's limit)
 MAX_CONCEPT_ID_CHARS = 64  # as the learner allows
+DECODED_BYTES = 256 << 20  # decoded pixels of one request (or set item) kept from the check for the encoders
 
 pb = evaluator_pb2
 _FILLS = {
@@ -82,19 +88,20 @@ class EvaluatorServicer(evaluator_pb2_grpc.EvaluatorServiceServicer):
             raise InvalidArgument(f"unknown value {options.crop}", field=f"{field}.crop")
         return Protocol(_FILLS[options.background_fill], _CROPS[options.crop]), names
 
-    def _item(self, item_id: str, source_image: bytes, concepts, composition_images, prefix: str = "") -> ItemInput:
+    def _check_shape(self, concepts, composition: int, prefix: str, complete: bool) -> None:
+        """Counts, limits and ids, before anything is decoded. `complete`: the item has all its images (an
+        `EvaluateSet` item may still get some in `continuation` messages: only the upper limits hold until then)."""
         s = self.settings
-        if not concepts:
+        if complete and not concepts:
             raise InvalidArgument("at least one concept is required", field=f"{prefix}concepts")
         if len(concepts) > s.max_concepts_per_request:
             raise ResourceExhausted(f"{len(concepts)} concepts exceed the limit of {s.max_concepts_per_request}",
                                     field=f"{prefix}concepts")
-        total = sum(len(c.images) for c in concepts) + len(composition_images)
+        total = sum(len(c.images) for c in concepts) + composition
         if total > s.max_images_per_request:
-            raise ResourceExhausted(f"{total} images exceed the limit of {s.max_images_per_request} per request",
-                                    field=f"{prefix}concepts")
-        source = decode_image(source_image, field=f"{prefix}source_image")
-        inputs, seen = [], set()
+            raise ResourceExhausted(f"{total} images exceed the limit of {s.max_images_per_request} per "
+                                    f"{'item' if prefix else 'request'}", field=f"{prefix}concepts")
+        seen = set()
         for i, c in enumerate(concepts):
             field = f"{prefix}concepts[{i}]"
             if not c.concept_id:
@@ -104,24 +111,34 @@ class EvaluatorServicer(evaluator_pb2_grpc.EvaluatorServiceServicer):
             if c.concept_id in seen:
                 raise InvalidArgument(f"{c.concept_id!r} is not unique", field=f"{field}.concept_id")
             seen.add(c.concept_id)
-            if not c.images:
+            if complete and not c.images:
                 raise InvalidArgument("at least one generated image is required", field=f"{field}.images")
             if len(c.images) > s.max_images_per_concept:
                 raise ResourceExhausted(f"{len(c.images)} images exceed the limit of {s.max_images_per_concept}",
                                         field=f"{field}.images")
+
+    def _pending(self, item_id: str, source_image: bytes, concepts, composition_images, prefix: str = "",
+                 complete: bool = True) -> PendingItem:
+        """The item checked: its shape, then its source image and masks, then every image it carries."""
+        self._check_shape(concepts, len(composition_images), prefix, complete)
+        source = decode_image(source_image, field=f"{prefix}source_image")
+        item = PendingItem(item_id, prefix, source)
+        for i, c in enumerate(concepts):
+            field = f"{prefix}concepts[{i}]"
             mask = decode_mask(c.mask, field=f"{field}.mask", expected_size=source.size)
             if not mask.any():
                 raise InvalidArgument("has no pixel inside", field=f"{field}.mask")
-            images = [_lazy_image(data, f"{field}.images[{j}]") for j, data in enumerate(c.images)]
-            inputs.append(ConceptInput(c.concept_id, mask, images))
-        composition = [_lazy_image(data, f"{prefix}composition_images[{j}]") for j, data in enumerate(composition_images)]
-        return ItemInput(item_id, source, inputs, composition)
+            item.add_concept(c.concept_id, mask)
+        for c in concepts:  # the images last: the largest part to decode
+            item.add_images(c.concept_id, c.images)
+        item.add_images(None, composition_images)
+        return item
 
     # -- RPCs -------------------------------------------------------------------------------------------------
 
     def Evaluate(self, request: pb.EvaluateRequest, context) -> pb.EvaluateResponse:
         protocol, names = self._options(request.options, "options")
-        item = self._item("", request.source_image, request.concepts, request.composition_images)
+        item = self._pending("", request.source_image, request.concepts, request.composition_images).complete()
         with TRACER.start_as_current_span("evaluate", attributes={
                 "ice.concepts": len(item.concepts), "ice.encoders": list(names)}):
             scores = evaluate(item, self.embedder, names, protocol)
@@ -134,19 +151,15 @@ class EvaluatorServicer(evaluator_pb2_grpc.EvaluatorServiceServicer):
         protocol, names = self._options(first.options, "options")
         evaluation = SetEvaluation(self.embedder, names, protocol)
         item_ids: set[str] = set()
-        pending: tuple[str, pb.EvaluateSetItem, str] | None = None  # an item whose parts may still come
+        pending: PendingItem | None = None  # an item whose parts may still come
         index, parts = -1, 0
-
-        def score(pending) -> None:
-            item_id, item, prefix = pending
-            evaluation.add(self._item(item_id, item.source_image, item.concepts, item.composition_images, prefix))
 
         for message in request_iterator:
             kind = message.WhichOneof("payload")
             if kind == "continuation":
                 if pending is None:
                     raise InvalidArgument("a continuation must follow an item", field=f"items[{index + 1}]")
-                self._add_images(pending[1], message.continuation, pending[2], parts)
+                self._continue(pending, message.continuation, parts)
                 parts += 1
                 continue
             index += 1
@@ -156,17 +169,19 @@ class EvaluatorServicer(evaluator_pb2_grpc.EvaluatorServiceServicer):
                                       field=f"items[{index}]")
             if index >= self.settings.max_set_items:
                 raise ResourceExhausted(f"more than {self.settings.max_set_items} items in one set", field="items")
-            if pending is not None:
-                score(pending)
             item = message.item
             item_id = item.item_id or str(index)
             if item_id in item_ids:
                 raise InvalidArgument(f"{item_id!r} is not unique in the set", field=f"{prefix}item_id")
             item_ids.add(item_id)
-            self._check_counts(item.concepts, len(item.composition_images), prefix)
-            pending, parts = (item_id, item, prefix), 0
+            # this item is checked before the one before it is scored: a refused item costs no encoder pass
+            checked = self._pending(item_id, item.source_image, item.concepts, item.composition_images, prefix,
+                                    complete=False)
+            if pending is not None:
+                evaluation.add(pending.complete())
+            pending, parts = checked, 0
         if pending is not None:
-            score(pending)
+            evaluation.add(pending.complete())
         if evaluation.item_count == 0:
             raise InvalidArgument("the stream carried no item", field="items")
         results = evaluation.result()
@@ -181,31 +196,23 @@ class EvaluatorServicer(evaluator_pb2_grpc.EvaluatorServiceServicer):
             item_scores=item_scores,
         )
 
-    def _check_counts(self, concepts, composition: int, prefix: str) -> None:
-        """The item's image limits, checked as its messages arrive (so an item never grows past them)."""
+    def _continue(self, item: PendingItem, part: pb.EvaluateSetImages, number: int) -> None:
+        """Append a `continuation` message to its item, checked as it arrives (the item never grows past its
+        limits, and its images are decoded now, before any earlier item is scored)."""
+        if part.concept_id and part.concept_id not in item.images:
+            raise InvalidArgument(f"the item has no concept {part.concept_id!r}",
+                                  field=f"{item.prefix}continuation[{number}].concept_id")
+        key = part.concept_id or None
         s = self.settings
-        for i, c in enumerate(concepts):
-            if len(c.images) > s.max_images_per_concept:
-                raise ResourceExhausted(f"{len(c.images)} images exceed the limit of {s.max_images_per_concept}",
-                                        field=f"{prefix}concepts[{i}].images")
-        total = sum(len(c.images) for c in concepts) + composition
+        if key is not None and len(item.images[key]) + len(part.images) > s.max_images_per_concept:
+            index = list(item.masks).index(key)
+            raise ResourceExhausted(f"{len(item.images[key]) + len(part.images)} images exceed the limit of "
+                                    f"{s.max_images_per_concept}", field=f"{item.prefix}concepts[{index}].images")
+        total = item.image_count + len(part.images)
         if total > s.max_images_per_request:
             raise ResourceExhausted(f"{total} images exceed the limit of {s.max_images_per_request} per item",
-                                    field=f"{prefix}concepts")
-
-    def _add_images(self, item: pb.EvaluateSetItem, part: pb.EvaluateSetImages, prefix: str, number: int) -> None:
-        """Append a `continuation` message to its item (which is scored once complete)."""
-        if part.concept_id:
-            for c in item.concepts:
-                if c.concept_id == part.concept_id:
-                    c.images.extend(part.images)
-                    break
-            else:
-                raise InvalidArgument(f"the item has no concept {part.concept_id!r}",
-                                      field=f"{prefix}continuation[{number}].concept_id")
-        else:
-            item.composition_images.extend(part.images)
-        self._check_counts(item.concepts, len(item.composition_images), prefix)
+                                    field=f"{item.prefix}concepts")
+        item.add_images(key, part.images)
 
     def ScoreMasks(self, request: pb.ScoreMasksRequest, context) -> pb.ScoreMasksResponse:
         if not request.ground_truth:
@@ -235,8 +242,50 @@ class EvaluatorServicer(evaluator_pb2_grpc.EvaluatorServiceServicer):
         return pb.GetServerInfoResponse(info=server_info(SERVICE, self.bundle, self.settings, self.device, "fp32"))
 
 
-def _lazy_image(data: bytes, field: str):
-    return lambda: decode_image(data, field=field)
+class PendingItem:
+    """A request's item as it is checked: its source and masks decoded, and every image decoded as it is added
+    (a corrupt one is refused then, before any encoder runs). The first images, up to `DECODED_BYTES` of pixels,
+    are kept for the encoders; the others are decoded again when their batch is embedded."""
+
+    def __init__(self, item_id: str, prefix: str, source):
+        self.item_id, self.prefix, self.source = item_id, prefix, source
+        self.masks: dict[str, object] = {}
+        self.images: dict[str | None, list] = {None: []}  # concept id (None: composition) -> image loaders
+        self.kept = 0  # bytes of decoded pixels held
+
+    @property
+    def image_count(self) -> int:
+        return sum(len(v) for v in self.images.values())
+
+    def add_concept(self, concept_id: str, mask) -> None:
+        self.masks[concept_id] = mask
+        self.images[concept_id] = []
+
+    def add_images(self, concept_id: str | None, images) -> None:
+        loaders = self.images[concept_id]
+        for data in images:
+            if concept_id is None:
+                field = f"{self.prefix}composition_images[{len(loaders)}]"
+            else:
+                index = list(self.masks).index(concept_id)
+                field = f"{self.prefix}concepts[{index}].images[{len(loaders)}]"
+            image = decode_image(data, field=field)
+            size = image.width * image.height * 3
+            if self.kept + size <= DECODED_BYTES:
+                self.kept += size
+                loaders.append(lambda image=image: image)
+            else:
+                del image
+                loaders.append(lambda data=data, field=field: decode_image(data, field=field))
+
+    def complete(self) -> ItemInput:
+        """The item for the metrics, once it has all its parts (at least one image per concept)."""
+        for i, concept_id in enumerate(self.masks):
+            if not self.images[concept_id]:
+                raise InvalidArgument("at least one generated image is required",
+                                      field=f"{self.prefix}concepts[{i}].images")
+        concepts = [ConceptInput(cid, mask, self.images[cid]) for cid, mask in self.masks.items()]
+        return ItemInput(self.item_id, self.source, concepts, self.images[None])
 
 
 _SCOPES = {"request": pb.ACCURACY_SCOPE_REQUEST, "set": pb.ACCURACY_SCOPE_SET}

@@ -198,3 +198,47 @@ def corpus_counts() -> dict[str, int]:
     for _, send, _, _ in CASES:
         counts[send.rpc] = counts.get(send.rpc, 0) + 1
     return counts
+
+
+# refusals decided by counts, ids, options or the stream's structure: nothing needs decoding to make them (a
+# repeated item_id and a second options message are not among them: the set's item before them was checked,
+# so decoded, when it arrived)
+SHAPE_CASES = {"no_concepts", "concept_without_images", "65_concepts", "65_images_in_a_concept", "concept_id/empty",
+               "concept_id/repeated", "item_before_options", "no_items",
+               "empty_stream", "background_fill_99", "background_fill_negative", "crop_99", "encoder_99",
+               "encoder_unspecified", "encoder_twice"}
+
+
+def test_a_refused_request_costs_no_encoder_pass_and_a_refused_shape_decodes_nothing(evaluator, monkeypatch):
+    """Refusing is cheap: every Evaluate / EvaluateSet case of the corpus that is refused ran no encoder pass
+    (not even on a set's earlier, valid item), and one refused for its shape decoded no image or mask."""
+    from services.evaluator import encoders, server
+
+    passes, decodes = [], []
+    embed_pixels = encoders.ImageEncoder.embed_pixels
+    monkeypatch.setattr(encoders.ImageEncoder, "embed_pixels",
+                        lambda self, pixels: passes.append(len(pixels)) or embed_pixels(self, pixels))
+
+    def counted(real):
+        return lambda *args, **kwargs: decodes.append(1) or real(*args, **kwargs)
+
+    for name in ("decode_image", "decode_mask"):
+        monkeypatch.setattr(server, name, counted(getattr(server, name)))
+    stub, channel = evaluator
+    for rpc in ("Evaluate", "EvaluateSet"):  # the counters see the work a good request does
+        assert Send(rpc, GOOD[rpc])(stub, channel).code == "OK" and passes and decodes
+        passes.clear(), decodes.clear()
+    shape_seen = 0
+    for name, send, _, _ in CASES:
+        if send.rpc == "ScoreMasks":
+            continue
+        passes.clear(), decodes.clear()
+        result = send(stub, channel)
+        if result.code == "OK":  # a lenient case: accepted, and rightly encoded
+            continue
+        assert not passes, f"{name}: refused ({result}) after {len(passes)} encoder passes"
+        if name.split(":", 1)[1] in SHAPE_CASES:
+            shape_seen += 1
+            assert not decodes, f"{name}: refused for its shape ({result}) after {len(decodes)} decodes"
+    assert shape_seen == len([c for c in CASES if c[1].rpc != "ScoreMasks" and c[0].split(":", 1)[1] in SHAPE_CASES])
+    assert shape_seen >= len(SHAPE_CASES)  # each named case exists in the corpus
