@@ -7,7 +7,10 @@
    nearest the image in the centred space stage 1 retrieves in (`--compare-clip` measures another CLIP there).
 3. Stage 1 on held-out test scenes through the localizer's own code with the bundle's recommended options: noun
    recall and precision against the true categories, mask mIoU / recall / precision with the evaluator's own
-   matching, and the foreground adjusted Rand index.
+   matching, the foreground adjusted Rand index, and the share of multi-object scenes whose every object is named.
+4. What stage 1 relies on: the binding figure (the share of a noun's cross-attention mass over the objects that
+   lies on its own object, for the vote prompt "<category> things background"; toyworld/grounding.py) and the
+   largest plain text cosine between two category words (the negative filter drops a candidate at ≥ 0.85).
 
 Writes bench/results/toyworld.json (machine, commit, wall time, every figure) and prints a summary.
 """
@@ -136,6 +139,32 @@ def dino_neighbours(bundle, rng: np.random.Generator) -> dict:
 
 
 @torch.no_grad()
+def category_word_cosines(bundle) -> dict:
+    """Plain text cosines between the category words (each word alone, L2-normalised: the space the localizer's
+    negative filter compares the previous round's noun in)."""
+    from services.localizer.retriever import NEGATIVE_COSINE
+
+    vocab = bundle.load_vocabulary()
+    words = [w for w in CATEGORIES if w in vocab]
+    plain = vocab.plain[[vocab.index(w) for w in words]].float()
+    cos = plain @ plain.T
+    pairs = {f"{a}-{b}": round(float(cos[i, j]), 4) for i, a in enumerate(words) for j, b in enumerate(words) if i < j}
+    worst = max(pairs, key=pairs.get)
+    return {"largest": pairs[worst], "largest_pair": worst, "filtered_pairs": sum(v >= NEGATIVE_COSINE for v in
+            pairs.values()), "negative_filter_threshold": NEGATIVE_COSINE, "pairs": pairs}
+
+
+def binding(bundle, n_scenes: int) -> dict:
+    """The binding figure on held-out scenes with 2–3 objects of distinct categories (toyworld/grounding.py)."""
+    from services.localizer.pipeline import LocalizeOptions
+    from toyworld.grounding import binding_scenes, binding_share
+
+    pipe = bundle.load_diffusion("cpu", torch.float32)
+    timestep = bundle.recommended_defaults("localize", LocalizeOptions()).timestep
+    return binding_share(pipe, binding_scenes(n_scenes), timestep)
+
+
+@torch.no_grad()
 def retriever_nouns(bundle, n_scenes: int, clip_weights: Path | None = None) -> dict:
     """Top-3 noun recall in the retriever's centred geometry (SpLiCE's): every vocabulary word embedded alone and
     centred, the image embedding centred by the image mean; a true category counts when it is among the three
@@ -248,6 +277,8 @@ def stage_one(bundle, n_scenes: int, overrides: dict[str, str] | None = None) ->
                           "found": [c.noun for c in result.concepts], "miou": round(scores.miou, 3),
                           "fg_ari": round(aris[-1], 3),
                           "stop": result.stop_reason})
+    all_named = [set(p["found"]) == {o.category for o in sc.objects}
+                 for p, sc in zip(per_scene, scenes, strict=True) if len(sc.objects) >= 2]
     iou = np.concatenate([s.iou for s in per_mask])
     recall = np.concatenate([s.recall for s in per_mask])
     precision = np.concatenate([s.precision for s in per_mask])
@@ -256,6 +287,8 @@ def stage_one(bundle, n_scenes: int, overrides: dict[str, str] | None = None) ->
         "options": {k: v for k, v in localizer.defaults.__dict__.items()}, "options_changed": sorted(overrides or ()),
         "noun_recall": round(tp / max(n_true, 1), 4), "noun_precision": round(tp / max(n_pred, 1), 4),
         "first_noun_correct": round(float(np.mean(first_right)), 4),
+        "multi_object_scenes": len(all_named),
+        "multi_object_all_named": round(float(np.mean(all_named)), 4) if all_named else None,
         "stop_reasons": {r: sum(p["stop"] == r for p in per_scene) for r in sorted({p["stop"] for p in per_scene})},
         "mask_miou": round(float(np.nanmean(iou)), 4), "mask_recall": round(float(np.nanmean(recall)), 4),
         "mask_precision": round(float(np.nanmean(precision)), 4),
@@ -297,6 +330,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", type=Path, default=DEFAULT_OUT)
     p.add_argument("--scenes", type=int, default=60, help="held-out scenes for stage 1")
     p.add_argument("--images-per-prompt", type=int, default=2)
+    p.add_argument("--binding-scenes", type=int, default=40, help="held-out scenes for the binding figure")
     p.add_argument("--seen-combos", type=int, default=48, help="seen combinations sampled for generation")
     p.add_argument("--quick", action="store_true", help="a few of everything (minutes)")
     p.add_argument("--stage1-option", action="append", default=[], metavar="NAME=VALUE",
@@ -306,7 +340,7 @@ def main(argv: list[str] | None = None) -> int:
                    help="also measure the retriever's noun geometry with these CLIP weights (the bundle's config)")
     a = p.parse_args(argv)
     if a.quick:
-        a.scenes, a.images_per_prompt, a.seen_combos = 12, 1, 12
+        a.scenes, a.images_per_prompt, a.seen_combos, a.binding_scenes = 12, 1, 12, 6
     t0 = time.perf_counter()
     bundle = Bundle.open(a.bundle)
     rng = np.random.default_rng(0)
@@ -324,6 +358,9 @@ def main(argv: list[str] | None = None) -> int:
     result["clip_zero_shot"] = clip_zero_shot(bundle, rng)
     result["dino_nearest_neighbour"] = dino_neighbours(bundle, rng)
     result["retriever_nouns"] = retriever_nouns(bundle, a.scenes)
+    result["category_word_cosine"] = category_word_cosines(bundle)
+    print("toy-eval: binding of nouns to their objects ...", flush=True)
+    result["binding"] = binding(bundle, a.binding_scenes)
     if a.compare_clip is not None:
         result["retriever_nouns_compared"] = retriever_nouns(bundle, a.scenes, a.compare_clip)
     print(f"toy-eval: stage 1 on {a.scenes} held-out scenes ...", flush=True)
@@ -345,9 +382,17 @@ def main(argv: list[str] | None = None) -> int:
             r = result[key]
             print(f"retriever ({r['clip']}) top-3 noun recall {r['top3_noun_recall']:.2f}  "
                   f"nearest noun right {r['nearest_noun_correct']:.2f}")
+    cw, bd = result["category_word_cosine"], result["binding"]
+    print(f"category words        largest plain cosine {cw['largest']:.2f} ({cw['largest_pair']}); "
+          f"{cw['filtered_pairs']} pairs at >= {cw['negative_filter_threshold']} (the negative filter drops them)")
+    print(f"binding               a noun's attention on its own object: {bd['16x16']:.2f} at 16x16, "
+          f"{bd['8x8']:.2f} at 8x8 (chance {bd['chance']:.2f}; {bd['objects']} objects)")
     print(f"stage 1 ({s['scenes']} scenes)  noun recall {s['noun_recall']:.2f}  precision {s['noun_precision']:.2f}  "
           f"mask mIoU {s['mask_miou']:.2f}  recall {s['mask_recall']:.2f}  precision {s['mask_precision']:.2f}  "
           f"FG-ARI {s['fg_ari']:.2f}  first noun right {s['first_noun_correct']:.2f}  stops {s['stop_reasons']}")
+    if s["multi_object_all_named"] is not None:
+        print(f"stage 1               every object named right in {s['multi_object_all_named']:.2f} of the "
+              f"{s['multi_object_scenes']} scenes with 2-3 objects")
     v = s["round_one_vote"]
     print("stage 1 round one: voted to the noun " + ", ".join(f"{v[k]['noun']:.2f} of the {k.replace('_', ' ')}"
                                                            for k in ("named_object", "other_objects", "background"))

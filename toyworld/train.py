@@ -7,8 +7,13 @@ checkpoint and computes the same steps: every batch and every noise draw is a fu
     clip       open_clip CLIP, contrastive on (scene, caption) pairs
     words      the same CLIP continued with a word loss: each image ranks single words (its objects' categories,
                colours, textures) above distractor words, as the retriever embeds words alone
+    retriever  the same CLIP continued on category twins and single objects on black, with attribute prompts and
+               a term that keeps the words of one axis apart (the localizer's negative filter compares them)
     dino       ViTModel, DINO self-distillation (student/teacher, centring, sharpening), no labels
+    objects    the same DINO continued on object-centred views (two views of one object), still no labels
     diffusion  CLIPTextModel + UNet2DConditionModel, v-prediction with min-SNR weighting, EMA weights
+    ground     the diffusion model continued with a token-grounding loss beside the v-prediction loss, so that
+               a word's cross-attention lies on the object it names (toyworld/grounding.py)
     bundle     writes the diffusers / open_clip / DINO directories and the vocabulary, runs `ice-bundle
                assemble` (float16), calibrates the localizer's merge threshold and verifies the bundle
 
@@ -41,7 +46,7 @@ from toyworld.world import IMAGE_SIZE, make_scene
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_WORK = ROOT / "build" / "toyworld"
 DEFAULT_BUNDLE = ROOT / "toyworld" / "bundle"
-STAGES = ("vae", "clip", "words", "dino", "diffusion", "bundle")
+STAGES = ("vae", "clip", "words", "retriever", "dino", "objects", "diffusion", "ground", "bundle")
 
 
 @dataclass(frozen=True)
@@ -54,16 +59,35 @@ class Plan:
     clip_steps: int = 1000
     clip_word_steps: int = 400
     clip_batch: int = 128
+    retriever_steps: int = 1500
+    retriever_lr: float = 2e-4
+    retriever_margin: float = 0.3
+    retriever_separation: float = 1.0
     dino_steps: int = 900
     dino_batch: int = 64
+    dino_object_steps: int = 1200
+    dino_object_lr: float = 2e-4
     diffusion_steps: int = 5000
     diffusion_batch: int = 32
     latent_pool: int = 40_000
+    ground_steps: int = 6000
+    ground_batch: int = 16
+    ground_lr: float = 1e-4
+    ground_token_weight: float = 1.0
+    ground_pixel_weight: float = 0.1
+    ground_vote_share: float = 0.5
+    ground_probe_every: int = 500
     checkpoint_every: int = 100
 
 
 def device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def fused(dev: str) -> dict:
+    """AdamW's fused kernel (CPU and CUDA): a step over ten million parameters is several times faster than the
+    per-tensor loop. Used by the stages added after the first bundle; the others keep their recorded optimizer."""
+    return {"fused": True}
 
 
 def say(msg: str) -> None:
@@ -323,6 +347,126 @@ def train_clip_words(work: Path, plan: Plan, dev: str) -> dict:
     return record
 
 
+def retriever_batch(seed: int, step: int, batch: int, salt: int = 7) -> tuple[torch.Tensor, list, list[str]]:
+    """(images in [-1, 1], scenes, captions) of one retriever step: half training scenes as the other CLIP stages
+    see them, a quarter category twins (pairs that differ only in their objects' categories: colour and texture
+    cannot tell them apart) and a quarter single objects on black (ICE's later rounds), captioned as usual."""
+    from toyworld.world import category_twins, isolated
+
+    rng = np.random.default_rng([seed, step, salt])
+    n_plain, n_pairs = batch // 2, batch // 8
+    base = (seed * 1_000_003 + salt * 7_919 + step * batch) % 9_000_000
+    scenes = [make_scene(base + k) for k in range(n_plain)]
+    for j in range(n_pairs):
+        scenes.extend(category_twins(base + n_plain + j, rng))
+    while len(scenes) < batch:
+        whole = make_scene(base + len(scenes) + 10_000, augment=False)
+        scenes.append(isolated(whole, int(rng.integers(len(whole.objects)))))
+    texts = []
+    for k, sc in enumerate(scenes):
+        if n_plain <= k < n_plain + 2 * n_pairs and (k - n_plain) % 2 == 1:
+            texts.append(caption(sc, np.random.default_rng([seed, step, salt, k - 1])))  # the twin's draw
+        else:
+            texts.append(caption(sc, np.random.default_rng([seed, step, salt, k])))
+    x = np.stack([np.asarray(sc.image, dtype=np.float32) for sc in scenes]) / 127.5 - 1.0
+    return torch.from_numpy(x).permute(0, 3, 1, 2).contiguous(), scenes, texts
+
+
+def train_retriever(work: Path, plan: Plan, dev: str) -> dict:
+    """The words stage's CLIP continued so that the retriever can tell categories apart:
+    - the scene-caption contrastive loss on batches with category twins and single objects on black
+      (`retriever_batch`);
+    - the word loss of the words stage (each image ranks single words of one axis against distractors in the
+      retriever's centred geometry);
+    - an attribute-prompt loss: each single object ranks "a photo of a <category>" (in one of the learner's
+      templates), "a <colour> color" and "a <texture> texture" among the values of that axis;
+    - a text-side term that keeps the words of one axis apart in the plain text space (each word alone,
+      L2-normalised), where the localizer's negative filter compares the previous round's noun with the next
+      candidates and drops those at cosine ≥ 0.85: Σ relu(cos − margin)² over the pairs of an axis."""
+    from open_clip.tokenizer import SimpleTokenizer
+    from safetensors.torch import load_file, save_file
+
+    from services.common.assemble import encode_text_trimmed
+    from toyworld.captions import LEARNER_TEMPLATES
+    from toyworld.vocab import vocabulary_rows
+    from toyworld.world import CATEGORIES, COLOURS, TEXTURES
+
+    torch.manual_seed(plan.seed + 7)
+    model = M.build_clip().to(dev)
+    model.load_state_dict(load_file(str(work / "clip-words" / "open_clip_model.safetensors")))
+    model.float()
+    tok = SimpleTokenizer(context_length=M.CLIP_CONFIG["text_cfg"]["context_length"])
+    mean = torch.tensor(M.CLIP_CONFIG["preprocess_cfg"]["mean"], device=dev).view(1, 3, 1, 1)
+    std = torch.tensor(M.CLIP_CONFIG["preprocess_cfg"]["std"], device=dev).view(1, 3, 1, 1)
+    opt = torch.optim.AdamW(model.parameters(), lr=plan.retriever_lr, weight_decay=0.1, betas=(0.9, 0.98),
+                            **fused(dev))
+    ckpt = Checkpointer(work / "checkpoints" / "retriever", {"clip": model}, opt)
+    world_words = list(vocabulary_words())
+    distractors = [w for w, _, _ in vocabulary_rows() if w not in set(world_words)]
+    axes = (("category", list(CATEGORIES)), ("colour", list(COLOURS)), ("texture", list(TEXTURES)))
+    axis_words = [w for _, values in axes for w in values]
+
+    def step_fn(step: int) -> dict:
+        x, scenes, texts = retriever_batch(plan.seed, step, plan.clip_batch)
+        rng = np.random.default_rng([plan.seed, step, 8])
+        lr = plan.retriever_lr * min(1.0, (step + 1) / 50) * 0.5 * (1 + math.cos(math.pi * step / plan.retriever_steps))
+        for g in opt.param_groups:
+            g["lr"] = lr
+        img, _, contrastive = clip_contrastive(model, tok, ((x.to(dev) + 1) / 2 - mean) / std, texts)
+        scale = model.logit_scale.exp()
+        negatives = [distractors[i] for i in rng.choice(len(distractors), 128, replace=False)]
+        words = F.normalize(encode_text_trimmed(model, tok(world_words + negatives).to(dev)), dim=-1)
+        centred = F.normalize(words - words.mean(0, keepdim=True), dim=-1)
+        img_c = F.normalize(img - img.mean(0, keepdim=True), dim=-1)
+        word_loss, prompt_loss, right = 0.0, 0.0, {}
+        single = [i for i, sc in enumerate(scenes) if len(sc.objects) == 1]
+        template = str(rng.choice(LEARNER_TEMPLATES))
+        for axis, values in axes:
+            columns = [world_words.index(v) for v in values] + list(range(len(world_words), len(world_words) + 128))
+            wl = scale * img_c @ centred[columns].T
+            present = torch.zeros_like(wl)
+            for i, sc in enumerate(scenes):
+                for o in sc.objects:
+                    present[i, values.index(getattr(o, axis))] = 1.0
+            has = present.sum(1) > 0
+            t = present[has] / present[has].sum(1, keepdim=True)
+            word_loss = word_loss - (t * wl[has].log_softmax(1)).sum(1).mean() / len(axes)
+            right[f"{axis}_words_top1"] = float(present[has].gather(1, wl[has].argmax(1, keepdim=True)).mean())
+            form = {"category": template, "colour": "a {} color", "texture": "a {} texture"}[axis]
+            prompts = F.normalize(model.encode_text(tok([form.format(v) for v in values]).to(dev)), dim=-1)
+            pl = scale * img[single] @ prompts.T
+            truth = torch.tensor([values.index(getattr(scenes[i].objects[0], axis)) for i in single], device=dev)
+            prompt_loss = prompt_loss + F.cross_entropy(pl, truth) / len(axes)
+            right[f"{axis}_prompt_top1"] = float((pl.argmax(1) == truth).float().mean())
+        plain = words[[world_words.index(w) for w in axis_words]]
+        separation, start, worst = 0.0, 0, 0.0
+        for _, values in axes:
+            block = plain[start : start + len(values)]
+            start += len(values)
+            cos = block @ block.T
+            off = cos[~torch.eye(len(values), dtype=torch.bool, device=dev)]
+            separation = separation + F.relu(off - plan.retriever_margin).pow(2).mean()
+            worst = max(worst, off.detach().max().item())
+        loss = contrastive + word_loss + prompt_loss + plan.retriever_separation * separation
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        with torch.no_grad():
+            model.logit_scale.clamp_(0, math.log(100))
+        return {"contrastive": contrastive.item(), "words": word_loss.item(), "prompts": prompt_loss.item(),
+                "separation": float(separation), "max_word_cos": worst, **right}
+
+    record = run_loop("retriever", plan.retriever_steps, step_fn, ckpt, plan.checkpoint_every,
+                      {"batch": plan.clip_batch, "lr": plan.retriever_lr, "margin": plan.retriever_margin,
+                       "separation_weight": plan.retriever_separation})
+    (work / "clip-retriever").mkdir(parents=True, exist_ok=True)
+    save_file({k: v.detach().contiguous() for k, v in model.state_dict().items()},
+              str(work / "clip-retriever" / "open_clip_model.safetensors"), metadata={"format": "pt"})
+    (work / "clip-retriever" / "open_clip_config.json").write_text(json.dumps(M.CLIP_CONFIG, indent=2) + "\n")
+    return record
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # stage 3: DINO
 
@@ -356,18 +500,83 @@ class DinoHead(torch.nn.Module):
         return self.last(F.normalize(self.mlp(x), dim=-1))
 
 
+def _object_views(x: torch.Tensor, masks: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+    """One view per image of one object: the square around its mask's box, enlarged 1.0–1.6× and shifted by up to
+    a tenth of its side, back to 64 px, flipped at random; half of the views have everything outside the mask
+    black (how the evaluator shows a concept's source region), the other half keep the scene around it."""
+    b = x.shape[0]
+    ys = masks.any(2).float()
+    xs = masks.any(1).float()
+    idx = torch.arange(masks.shape[1], dtype=torch.float32)
+    y0, y1 = (ys * idx).masked_fill(ys == 0, 1e9).amin(1), (ys * idx).amax(1) + 1
+    x0, x1 = (xs * idx).masked_fill(xs == 0, 1e9).amin(1), (xs * idx).amax(1) + 1
+    side = torch.maximum(y1 - y0, x1 - x0) * (1.0 + 0.6 * torch.rand(b, generator=g))
+    cx = (x0 + x1) / 2 + (torch.rand(b, generator=g) - 0.5) * 0.2 * side
+    cy = (y0 + y1) / 2 + (torch.rand(b, generator=g) - 0.5) * 0.2 * side
+    size = masks.shape[1]
+    flip = torch.where(torch.rand(b, generator=g) < 0.5, -1.0, 1.0)
+    theta = torch.zeros(b, 2, 3)
+    theta[:, 0, 0], theta[:, 0, 2] = side / size * flip, cx / size * 2 - 1
+    theta[:, 1, 1], theta[:, 1, 2] = side / size, cy / size * 2 - 1
+    black = (torch.rand(b, generator=g) < 0.5).view(b, 1, 1, 1)
+    src = torch.where(black.to(x.device), x * masks[:, None].to(x.device, x.dtype), x)
+    grid = F.affine_grid(theta.to(x.device), list(x.shape), align_corners=False)
+    return F.grid_sample(src, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+
+
+def object_batch(seed: int, step: int, batch: int, salt: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(images in [0, 1] [B, 3, 64, 64], the mask of one object of each [B, 64, 64]) of training scenes."""
+    rng = np.random.default_rng([seed, step, salt])
+    x, scenes = scene_batch(seed, step, batch, salt=salt)
+    masks = []
+    for sc in scenes:
+        objs = sc.objects or sc.removed
+        masks.append(objs[int(rng.integers(len(objs)))].mask if sc.objects else np.ones((IMAGE_SIZE, IMAGE_SIZE), bool))
+    return (x + 1) / 2, torch.from_numpy(np.stack(masks))
+
+
 def train_dino(work: Path, plan: Plan, dev: str) -> dict:
+    """DINO on two crops of each training scene (the first bundle's DINO)."""
+
+    def views(step: int, g: torch.Generator) -> list[torch.Tensor]:
+        x, _ = scene_batch(plan.seed, step, plan.dino_batch, salt=3)
+        x = ((x + 1) / 2).to(dev)
+        return [_dino_views(x, g) for _ in range(2)]
+
+    return _train_dino(work, plan, dev, "dino", plan.dino_steps, views, seed=plan.seed + 3, salt=3)
+
+
+def train_dino_objects(work: Path, plan: Plan, dev: str) -> dict:
+    """The DINO stage's teacher continued on object-centred views (`_object_views`). On two crops of a whole
+    scene the colours of its objects and background already tell one scene from another, so the first DINO never
+    needed shapes (1-NN category 0.29 on single objects); two views of one object, half of them on black, differ
+    in scale, position and surroundings, and only its colour, texture and shape tell it from the batch's others."""
+    from transformers import ViTModel
+
+    def views(step: int, g: torch.Generator) -> list[torch.Tensor]:
+        x, masks = object_batch(plan.seed, step, plan.dino_batch, salt=10)
+        return [_object_views(x.to(dev), masks, g) for _ in range(2)]
+
+    backbone = ViTModel.from_pretrained(work / "dino", add_pooling_layer=False)
+    return _train_dino(work, plan, dev, "dino-objects", plan.dino_object_steps, views, seed=plan.seed + 10, salt=10,
+                       backbone=backbone, lr=plan.dino_object_lr)
+
+
+def _train_dino(work: Path, plan: Plan, dev: str, name: str, steps: int, views_fn, seed: int, salt: int,
+                backbone=None, lr: float = 5e-4) -> dict:
     import copy
 
-    torch.manual_seed(plan.seed + 3)
+    torch.manual_seed(seed)
     student = M.build_dino().to(dev)
+    if backbone is not None:
+        student.load_state_dict(backbone.state_dict())
     head = DinoHead(M.DINO_CONFIG["hidden_size"]).to(dev)
     teacher, teacher_head = copy.deepcopy(student), copy.deepcopy(head)
     for p in [*teacher.parameters(), *teacher_head.parameters()]:
         p.requires_grad_(False)
     center = torch.zeros(1, 1024, device=dev)
     params = [*student.parameters(), *head.parameters()]
-    opt = torch.optim.AdamW(params, lr=5e-4, weight_decay=0.04)
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.04)
 
     class State(torch.nn.Module):  # the centre travels with the checkpoint
         def __init__(self):
@@ -375,22 +584,20 @@ def train_dino(work: Path, plan: Plan, dev: str) -> dict:
             self.register_buffer("center", center)
 
     st = State()
-    ckpt = Checkpointer(work / "checkpoints" / "dino",
+    ckpt = Checkpointer(work / "checkpoints" / name,
                         {"student": student, "head": head, "teacher": teacher, "teacher_head": teacher_head,
                          "state": st}, opt)
     mean = torch.tensor([0.485, 0.456, 0.406], device=dev).view(1, 3, 1, 1)
     std = torch.tensor([0.229, 0.224, 0.225], device=dev).view(1, 3, 1, 1)
 
     def step_fn(step: int) -> dict:
-        x, _ = scene_batch(plan.seed, step, plan.dino_batch, salt=3)
-        x = ((x + 1) / 2).to(dev)
-        g = generator(plan.seed, step, 3)
-        views = [(_dino_views(x, g) - mean) / std for _ in range(2)]
-        progress = step / plan.dino_steps
-        lr = 5e-4 * min(1.0, (step + 1) / 100) * 0.5 * (1 + math.cos(math.pi * progress))
+        g = generator(plan.seed, step, salt)
+        views = [(v - mean) / std for v in views_fn(step, g)]
+        progress = step / steps
+        rate = lr * min(1.0, (step + 1) / 100) * 0.5 * (1 + math.cos(math.pi * progress))
         for grp in opt.param_groups:
-            grp["lr"] = lr
-        t_temp = 0.04 + (0.07 - 0.04) * min(1.0, step / (0.3 * plan.dino_steps))
+            grp["lr"] = rate
+        t_temp = 0.04 + (0.07 - 0.04) * min(1.0, step / (0.3 * steps))
         with torch.no_grad():
             t_out = [teacher_head(teacher(v).last_hidden_state[:, 0]) for v in views]
             t_prob = [F.softmax((o - st.center) / t_temp, dim=-1) for o in t_out]
@@ -408,12 +615,12 @@ def train_dino(work: Path, plan: Plan, dev: str) -> dict:
             entropy = float(-(t_prob[0] * t_prob[0].clamp_min(1e-12).log()).sum(-1).mean())
         return {"loss": loss.item(), "teacher_entropy": entropy}
 
-    record = run_loop("dino", plan.dino_steps, step_fn, ckpt, plan.checkpoint_every, {"batch": plan.dino_batch})
+    record = run_loop(name, steps, step_fn, ckpt, plan.checkpoint_every, {"batch": plan.dino_batch})
     from transformers import ViTImageProcessor
 
-    teacher.save_pretrained(work / "dino", safe_serialization=True)  # the teacher is the published DINO backbone
+    teacher.save_pretrained(work / name, safe_serialization=True)  # the teacher is the published DINO backbone
     ViTImageProcessor(do_resize=True, size={"height": IMAGE_SIZE, "width": IMAGE_SIZE}, resample=3,
-                      image_mean=[0.485, 0.456, 0.406], image_std=[0.229, 0.224, 0.225]).save_pretrained(work / "dino")
+                      image_mean=[0.485, 0.456, 0.406], image_std=[0.229, 0.224, 0.225]).save_pretrained(work / name)
     record["parameters"] = M.n_params(teacher)
     return record
 
@@ -518,15 +725,117 @@ def train_diffusion(work: Path, plan: Plan, dev: str) -> dict:
     return record
 
 
-def save_pipeline(work: Path, unet, text_encoder, tokenizer, scheduler) -> Path:
+def train_grounding(work: Path, plan: Plan, dev: str) -> dict:
+    """The diffusion stage's model (its EMA weights) continued with the token-grounding loss of
+    toyworld/grounding.py beside the same v-prediction loss, on fresh scenes whose masks are known. A new EMA
+    (decay 0.999) of both models is what the bundle keeps; every `ground_probe_every` steps the binding figure is measured on
+    training scenes (never test scenes) and recorded."""
+    import copy
+
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextModel
+
+    from services.common.tokenizer import build_clip_tokenizer
+    from toyworld import grounding as G
+
+    tokenizer = build_clip_tokenizer()
+    source = work / "diffusion"
+    vae = AutoencoderKL.from_pretrained(work / "vae", torch_dtype=torch.float32).to(dev).eval()
+    unet = UNet2DConditionModel.from_pretrained(source / "unet", torch_dtype=torch.float32).to(dev)
+    text_encoder = CLIPTextModel.from_pretrained(source / "text_encoder", torch_dtype=torch.float32).to(dev)
+    ema_unet, ema_te = copy.deepcopy(unet), copy.deepcopy(text_encoder)
+    for p in [*ema_te.parameters(), *ema_unet.parameters(), *vae.parameters()]:
+        p.requires_grad_(False)
+    scheduler = M.build_scheduler()
+    alphas = scheduler.alphas_cumprod.to(dev)
+    recorder = G.CrossAttentionRecorder(unet)
+    # The token table (49,408 × 128, most of the text encoder) stays as the diffusion stage left it: the world's
+    # words are already placed, and AdamW over the whole table cost ten times the rest of a step on a CPU.
+    text_encoder.get_input_embeddings().weight.requires_grad_(False)
+    params = [p for p in [*unet.parameters(), *text_encoder.parameters()] if p.requires_grad]
+    ema_params = [p for p, q in zip([*ema_unet.parameters(), *ema_te.parameters()],
+                                    [*unet.parameters(), *text_encoder.parameters()], strict=True) if q.requires_grad]
+    opt = torch.optim.AdamW(params, lr=plan.ground_lr, weight_decay=1e-2, **fused(dev))
+    ckpt = Checkpointer(work / "checkpoints" / "ground",
+                        {"unet": unet, "text_encoder": text_encoder, "ema_unet": ema_unet, "ema_text_encoder": ema_te},
+                        opt)
+    scale = float(vae.config.scaling_factor)
+    monitor = G.binding_scenes_train(24)
+    history_path = work / "checkpoints" / "ground" / "binding.json"  # survives a resume, like the checkpoints
+    history: dict[str, dict] = json.loads(history_path.read_text()) if history_path.is_file() else {}
+
+    def step_fn(step: int) -> dict:
+        rng = np.random.default_rng([plan.seed, step, 6])
+        g = generator(plan.seed, step, 6)
+        x, scenes = scene_batch(plan.seed, step, plan.ground_batch, salt=6)
+        caps = [G.grounded_caption(s, rng, vote_share=plan.ground_vote_share) for s in scenes]
+        targets = G.encode_captions(tokenizer, caps).to(dev)
+        with torch.no_grad():
+            post = vae.encode(x.to(dev)).latent_dist
+            latents = (post.mean + post.std * torch.randn(post.mean.shape, generator=g).to(dev)) * scale
+        noise = torch.randn(latents.shape, generator=g).to(dev)
+        t = torch.randint(0, scheduler.config.num_train_timesteps, (len(scenes),), generator=g).to(dev)
+        noisy = scheduler.add_noise(latents, noise, t)
+        target = scheduler.get_velocity(latents, noise, t)
+        # warm-up, constant, then a cosine to a tenth over the last 40 %
+        tail = max(0.0, (step - 0.6 * plan.ground_steps) / (0.4 * plan.ground_steps))
+        lr = plan.ground_lr * min(1.0, (step + 1) / 100) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * tail)))
+        for grp in opt.param_groups:
+            grp["lr"] = lr
+        hidden = text_encoder(targets.ids)[0]
+        pred = unet(noisy, t, encoder_hidden_states=hidden).sample
+        per = ((pred - target) ** 2).mean(dim=(1, 2, 3))
+        v_loss = (per * min_snr_weight(alphas, t)).mean()
+        l_token, l_pixel, shares = G.grounding_losses(recorder.take(), targets)
+        loss = v_loss + plan.ground_token_weight * l_token + plan.ground_pixel_weight * l_pixel
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        with torch.no_grad():
+            torch._foreach_lerp_(ema_params, [p.detach() for p in params], 0.001)
+        out = {"v_loss": v_loss.item(), "token": l_token.item(), "pixel": l_pixel.item(),
+               **{f"share{s}": float(v) for s, v in shares.items()}}
+        if (step + 1) % plan.ground_probe_every == 0:
+            unet.eval()
+            with G.default_attention(unet):
+                history[str(step + 1)] = {
+                    name: G.binding_share(_Pipe(vae, te, u, tokenizer), monitor, timestep=50)
+                    for name, te, u in (("model", text_encoder, unet), ("ema", ema_te, ema_unet))}
+            unet.train()
+            history_path.parent.mkdir(parents=True, exist_ok=True)
+            history_path.write_text(json.dumps(history, indent=1) + "\n")
+            say(f"ground {step + 1}: binding on training scenes {history[str(step + 1)]}")
+        return out
+
+    record = run_loop("ground", plan.ground_steps, step_fn, ckpt, plan.checkpoint_every,
+                      {"batch": plan.ground_batch, "lr": plan.ground_lr, "token_weight": plan.ground_token_weight,
+                       "pixel_weight": plan.ground_pixel_weight, "vote_share": plan.ground_vote_share})
+    out = work / "diffusion-grounded"
+    save_pipeline(work, ema_unet, ema_te, tokenizer, scheduler, out)
+    record.update({"from": "the diffusion stage's EMA weights", "weights": "EMA (decay 0.999)",
+                   "objective": "v-prediction (min-SNR-5) + token grounding (toyworld/grounding.py)",
+                   "binding_on_training_scenes": history})
+    return record
+
+
+class _Pipe:
+    """What `grounding.binding_share` reads of a pipeline."""
+
+    def __init__(self, vae, text_encoder, unet, tokenizer):
+        self.vae, self.text_encoder, self.unet, self.tokenizer = vae, text_encoder, unet, tokenizer
+
+
+def save_pipeline(work: Path, unet, text_encoder, tokenizer, scheduler, out: Path | None = None) -> Path:
     from diffusers import AutoencoderKL, StableDiffusionPipeline
 
     vae = AutoencoderKL.from_pretrained(work / "vae")
     pipe = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder.cpu(), tokenizer=tokenizer, unet=unet.cpu(),
                                    scheduler=scheduler, safety_checker=None, feature_extractor=None,
                                    requires_safety_checker=False)
-    pipe.save_pretrained(work / "diffusion", safe_serialization=True)
-    return work / "diffusion"
+    out = out or work / "diffusion"
+    pipe.save_pretrained(out, safe_serialization=True)
+    return out
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -555,11 +864,12 @@ def build_bundle(work: Path, out: Path, plan: Plan, record: dict) -> dict:
         mean_dir.mkdir(parents=True)
         for k, scene in enumerate(mean_image_scenes()):
             scene.image.save(mean_dir / f"{k:04d}.png")
+    clip = "clip-retriever" if (work / "clip-retriever").is_dir() else "clip-words"
     cmd = [sys.executable, "-m", "services.common.bundle_cli", "assemble", "--out", str(out),
-           "--diffusion", str(work / "diffusion"),
-           "--open-clip-config", str(work / "clip-words" / "open_clip_config.json"),
-           "--open-clip-weights", str(work / "clip-words" / "open_clip_model.safetensors"),
-           "--dino", str(work / "dino"), "--vocab", str(vocab_tsv), "--image-mean-from", str(mean_dir),
+           "--diffusion", str(work / ("diffusion-grounded" if (work / "diffusion-grounded").is_dir() else "diffusion")),
+           "--open-clip-config", str(work / clip / "open_clip_config.json"),
+           "--open-clip-weights", str(work / clip / "open_clip_model.safetensors"),
+           "--dino", str(work / ("dino-objects" if (work / "dino-objects").is_dir() else "dino")), "--vocab", str(vocab_tsv), "--image-mean-from", str(mean_dir),
            "--name", "toyworld", "--version", "1", "--kind", "toyworld", "--precision", "float16", "--copy",
            "--force"]
     say("assembling: " + " ".join(cmd[1:]))
@@ -583,7 +893,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--force", action="append", default=[], choices=STAGES, help="re-run a finished stage")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     for field_name, value in Plan.__dataclass_fields__.items():
-        p.add_argument("--" + field_name.replace("_", "-"), type=int, default=value.default)
+        p.add_argument("--" + field_name.replace("_", "-"), type=type(value.default), default=value.default)
     a = p.parse_args(argv)
     if a.threads:
         torch.set_num_threads(a.threads)
@@ -601,9 +911,14 @@ def main(argv: list[str] | None = None) -> int:
                    "cpu_threads": torch.get_num_threads(), "torch": torch.__version__,
                    "plan": plan.__dict__})
     outputs = {"vae": work / "vae", "clip": work / "clip" / "open_clip_model.safetensors",
-               "words": work / "clip-words" / "open_clip_model.safetensors", "dino": work / "dino",
-               "diffusion": work / "diffusion", "bundle": a.out / "bundle.json"}
-    trainers = {"vae": train_vae, "clip": train_clip, "words": train_clip_words, "dino": train_dino, "diffusion": train_diffusion}
+               "words": work / "clip-words" / "open_clip_model.safetensors",
+               "retriever": work / "clip-retriever" / "open_clip_model.safetensors", "dino": work / "dino",
+               "objects": work / "dino-objects",
+               "diffusion": work / "diffusion", "ground": work / "diffusion-grounded",
+               "bundle": a.out / "bundle.json"}
+    trainers = {"vae": train_vae, "clip": train_clip, "words": train_clip_words, "retriever": train_retriever,
+                "objects": train_dino_objects, "dino": train_dino, "diffusion": train_diffusion,
+                "ground": train_grounding}
     for stage in stages:
         if outputs[stage].exists() and stage not in a.force:
             say(f"{stage}: done already ({outputs[stage]}); --force {stage} re-runs it")

@@ -286,3 +286,28 @@ def held_out_scene(k: int, n_objects: int | None = None) -> Scene:
 def single_object(colour: str, category: str, texture: str, seed: int = 0, background: str = "white") -> Scene:
     """One object in the middle-ish of a plain background (zero-shot and classifier checks)."""
     return make_scene(seed, split="test", objects=[(colour, category, texture)], augment=False, background=background)
+
+
+def isolated(scene: Scene, index: int) -> Scene:
+    """Scene `scene` with only its object `index` left, on black: what ICE's later rounds show once the other
+    objects and the background have been explained and blacked out."""
+    keep = scene.objects[index]
+    canvas = np.asarray(scene.image, dtype=np.uint8) * keep.mask[..., None]
+    others = [o for k, o in enumerate(scene.objects) if k != index]
+    return Scene(seed=scene.seed, image=Image.fromarray(canvas.astype(np.uint8), "RGB"), objects=[keep],
+                 background="black", removed=others + list(scene.removed))
+
+
+def category_twins(seed: int, rng: np.random.Generator) -> tuple[Scene, Scene]:
+    """Two training scenes with the same layout, background, colours and textures that differ in the category of
+    every object: a hard negative pair for the one axis that colour cannot tell apart."""
+    base = make_scene(seed, augment=False)
+    first = [(o.colour, o.category, o.texture) for o in base.objects]
+    for _ in range(20):
+        second = [(c, str(rng.choice([k for k in CATEGORIES if k != cat])), t) for c, cat, t in first]
+        if not any(combo in HELD_OUT for combo in second):
+            break
+    else:
+        second = first
+    return (make_scene(seed, objects=first, augment=False, background=base.background),
+            make_scene(seed, objects=second, augment=False, background=base.background))
