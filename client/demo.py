@@ -73,6 +73,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="the photo, for a bundle other than ToyWorld")
     parser.add_argument("--scene", type=int, default=DEFAULT_SCENE, help="the held-out ToyWorld scene")
     parser.add_argument("--start-timeout", type=float, default=600.0)
+    parser.add_argument("--record", type=Path, default=Path(__file__).resolve().parents[1] / "bench" / "results" / "demo.json",
+                        help="with the ToyWorld bundle: where what was found is written beside the truth "
+                             "(bench/results/demo.json)")
     a = parser.parse_args(argv)
 
     if not (a.bundle / "bundle.json").is_file():
@@ -133,9 +136,16 @@ def main(argv: list[str] | None = None) -> int:
     print(f"\ndemo: done in {time.perf_counter() - started:.0f}s; concepts: {nouns}")
     if toyworld:
         from client.report import attach_ground_truth
+        from toyworld.demo_record import demo_record, summary_lines
 
         attach_ground_truth(out / name, [(o.phrase(), o.mask) for o in scene.objects], f"ToyWorld test scene {a.scene}")
-        print("demo: ground truth: " + ", ".join(o.phrase() for o in scene.objects))
+        record = demo_record(extraction, scene, a.scene)
+        record["bundle"] = json.loads((a.bundle / "bundle.json").read_text()).get("digest")
+        if a.record is not None:
+            a.record.parent.mkdir(parents=True, exist_ok=True)
+            a.record.write_text(json.dumps(record, indent=2) + "\n")
+        for line in summary_lines(record):
+            print("demo: " + line)
     print(f"demo: the report is {report}\n      open it in a browser: file://{report}")
     if tiny:
         print("demo: note: the tiny bundle is random weights; it runs every step, but its concepts, images and "

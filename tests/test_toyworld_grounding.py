@@ -154,3 +154,46 @@ def test_object_views_show_one_object_whole():
     assert (coverage > 0.15).all(), coverage  # the object fills at least a sixth of the view
     border = torch.cat([mask_views[:, 0], mask_views[:, -1], mask_views[:, :, 0], mask_views[:, :, -1]], 1)
     assert (border.amax(1) < 0.5).float().mean() > 0.8  # and is rarely cut by the view's edge
+
+
+def test_the_demo_record_sets_what_was_found_beside_the_truth():
+    """bench/results/demo.json's record: each concept matched to the true object its mask overlaps, and its grids
+    read by the classifiers (images of the true object read as true; a wrong-colour grid reads as wrong)."""
+    from types import SimpleNamespace
+
+    from client.options import mask_png
+    from client.types import Concept, GeneratedImage
+    from toyworld.demo_record import demo_record, summary_lines
+    from toyworld.world import held_out_scene, single_object
+
+    scene = held_out_scene(13)
+    concepts = [Concept(f"c{i}", o.category, float(o.mask.mean()), 0, [], mask_png(o.mask))
+                for i, o in enumerate(scene.objects)]
+    generated = []
+    for i, o in enumerate(scene.objects):
+        wrong = "blue" if o.colour != "blue" else "red"
+        for j in range(2):
+            for kind, attribute, colour in (("OBJECT_LEVEL", "", o.colour), ("INTRINSIC", "color", wrong if i else o.colour)):
+                image = single_object(colour, o.category, o.texture, seed=j).image
+                generated.append(GeneratedImage("p", j, f"c{i}", attribute, j, kind, png_bytes(image)))
+
+    def images_for(cid, kind, attribute=""):
+        return [g for g in generated if g.concept_id == cid and g.kind == kind and g.attribute == attribute]
+
+    extraction = SimpleNamespace(localization=SimpleNamespace(concepts=concepts), generated=generated,
+                                 images_for=images_for, seconds={"learn": 1.0})
+    record = demo_record(extraction, scene, 13)
+    assert record["every_object_named"] and record["found"] == [o.category for o in scene.objects]
+    first, second = record["concepts"]
+    assert first["mask_iou"] == 1.0 and first["matched_object"] == scene.objects[0].phrase()
+    assert first["grids"]["category"]["majority_true"] and first["grids"]["colour"]["share_true"] == 1.0
+    assert second["grids"]["category"]["majority_true"] and second["grids"]["colour"]["share_true"] == 0.0
+    assert len(summary_lines(record)) == 3
+
+
+def png_bytes(image) -> bytes:
+    import io
+
+    buf = io.BytesIO()
+    image.save(buf, format="PNG")
+    return buf.getvalue()

@@ -67,6 +67,7 @@ class Plan:
     dino_batch: int = 64
     dino_object_steps: int = 1200
     dino_object_lr: float = 2e-4
+    dino_colour_swap: float = 0.5
     diffusion_steps: int = 5000
     diffusion_batch: int = 32
     latent_pool: int = 40_000
@@ -77,6 +78,7 @@ class Plan:
     ground_pixel_weight: float = 0.1
     ground_vote_share: float = 0.5
     ground_probe_every: int = 500
+    ground_token_table: int = 0  # 1: train the text encoder's token table too (sparse), 0: keep it
     checkpoint_every: int = 100
 
 
@@ -117,13 +119,18 @@ def generator(seed: int, step: int, salt: int) -> torch.Generator:
 class Checkpointer:
     """Model (and optional EMA) + optimizer state in safetensors, the rest in JSON (services.learner.checkpoints)."""
 
-    def __init__(self, folder: Path, modules: dict[str, torch.nn.Module], optimizer: torch.optim.Optimizer):
+    def __init__(self, folder: Path, modules: dict[str, torch.nn.Module], optimizer: torch.optim.Optimizer,
+                 more_optimizers: dict[str, torch.optim.Optimizer] | None = None):
         self.folder, self.modules, self.optimizer = folder, modules, optimizer
+        self.more = dict(more_optimizers or {})
 
     def save(self, step: int, state: dict) -> None:
         from services.learner import checkpoints
 
         tensors, meta = checkpoints.optimizer_to_flat(self.optimizer)
+        for name, opt in self.more.items():
+            more_tensors, state[f"optimizer_{name}"] = checkpoints.optimizer_to_flat(opt, prefix=f"optim_{name}")
+            tensors.update(more_tensors)
         for name, module in self.modules.items():
             tensors.update({f"{name}.{k}": v for k, v in module.state_dict().items()})
         checkpoints.save(self.folder, step, tensors, {**state, "optimizer": meta})
@@ -139,6 +146,8 @@ class Checkpointer:
             prefix = f"{name}."
             module.load_state_dict({k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)})
         checkpoints.optimizer_from_flat(self.optimizer, tensors, state["optimizer"])
+        for name, opt in self.more.items():
+            checkpoints.optimizer_from_flat(opt, tensors, state[f"optimizer_{name}"], prefix=f"optim_{name}")
         return step, state
 
 
@@ -500,7 +509,7 @@ class DinoHead(torch.nn.Module):
         return self.last(F.normalize(self.mlp(x), dim=-1))
 
 
-def _object_views(x: torch.Tensor, masks: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+def _object_views(x: torch.Tensor, masks: torch.Tensor, g: torch.Generator, colour_swap: float = 0.0) -> torch.Tensor:
     """One view per image of one object: the square around its mask's box, enlarged 1.0–1.6× and shifted by up to
     a tenth of its side, back to 64 px, flipped at random; half of the views have everything outside the mask
     black (how the evaluator shows a concept's source region), the other half keep the scene around it."""
@@ -520,6 +529,14 @@ def _object_views(x: torch.Tensor, masks: torch.Tensor, g: torch.Generator) -> t
     theta[:, 1, 1], theta[:, 1, 2] = side / size, cy / size * 2 - 1
     black = (torch.rand(b, generator=g) < 0.5).view(b, 1, 1, 1)
     src = torch.where(black.to(x.device), x * masks[:, None].to(x.device, x.dtype), x)
+    if colour_swap:
+        # half of the views get their colour channels permuted: colour alone no longer tells the two views of one
+        # object apart from the others, so shape has to (the features keep colour: the other half of the views
+        # and the crops' surroundings still carry it)
+        perms = torch.tensor([[0, 1, 2], [0, 2, 1], [1, 0, 2], [1, 2, 0], [2, 0, 1], [2, 1, 0]])
+        pick = perms[torch.randint(0, 6, (b,), generator=g)]
+        swap = (torch.rand(b, generator=g) < colour_swap).view(b, 1, 1, 1).to(x.device)
+        src = torch.where(swap, torch.gather(src, 1, pick.to(x.device)[:, :, None, None].expand_as(src)), src)
     grid = F.affine_grid(theta.to(x.device), list(x.shape), align_corners=False)
     return F.grid_sample(src, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
 
@@ -555,7 +572,7 @@ def train_dino_objects(work: Path, plan: Plan, dev: str) -> dict:
 
     def views(step: int, g: torch.Generator) -> list[torch.Tensor]:
         x, masks = object_batch(plan.seed, step, plan.dino_batch, salt=10)
-        return [_object_views(x.to(dev), masks, g) for _ in range(2)]
+        return [_object_views(x.to(dev), masks, g, plan.dino_colour_swap) for _ in range(2)]
 
     backbone = ViTModel.from_pretrained(work / "dino", add_pooling_layer=False)
     return _train_dino(work, plan, dev, "dino-objects", plan.dino_object_steps, views, seed=plan.seed + 10, salt=10,
@@ -749,16 +766,25 @@ def train_grounding(work: Path, plan: Plan, dev: str) -> dict:
     scheduler = M.build_scheduler()
     alphas = scheduler.alphas_cumprod.to(dev)
     recorder = G.CrossAttentionRecorder(unet)
-    # The token table (49,408 × 128, most of the text encoder) stays as the diffusion stage left it: the world's
-    # words are already placed, and AdamW over the whole table cost ten times the rest of a step on a CPU.
-    text_encoder.get_input_embeddings().weight.requires_grad_(False)
-    params = [p for p in [*unet.parameters(), *text_encoder.parameters()] if p.requires_grad]
-    ema_params = [p for p, q in zip([*ema_unet.parameters(), *ema_te.parameters()],
-                                    [*unet.parameters(), *text_encoder.parameters()], strict=True) if q.requires_grad]
-    opt = torch.optim.AdamW(params, lr=plan.ground_lr, weight_decay=1e-2, **fused(dev))
+    # The token table (49,408 × 128, most of the text encoder): AdamW over all of it cost ten times the rest of a
+    # step on a CPU, though a batch's captions use a few dozen rows. So it is either frozen (as the diffusion stage
+    # left it) or trained with sparse gradients and SparseAdam, which touch only the rows a batch uses.
+    table = text_encoder.get_input_embeddings()
+    dense = [p for p in [*unet.parameters(), *text_encoder.parameters()] if p is not table.weight]
+    ema_dense = [p for p, q in zip([*ema_unet.parameters(), *ema_te.parameters()],
+                                   [*unet.parameters(), *text_encoder.parameters()], strict=True) if q is not table.weight]
+    opt = torch.optim.AdamW(dense, lr=plan.ground_lr, weight_decay=1e-2, **fused(dev))
+    more = {}
+    if plan.ground_token_table:
+        table.sparse = True
+        more["table"] = torch.optim.SparseAdam([table.weight], lr=plan.ground_lr)
+    else:
+        table.weight.requires_grad_(False)
+    params = dense + ([table.weight] if plan.ground_token_table else [])
+    ema_params = ema_dense + ([ema_te.get_input_embeddings().weight] if plan.ground_token_table else [])
     ckpt = Checkpointer(work / "checkpoints" / "ground",
                         {"unet": unet, "text_encoder": text_encoder, "ema_unet": ema_unet, "ema_text_encoder": ema_te},
-                        opt)
+                        opt, more)
     scale = float(vae.config.scaling_factor)
     monitor = G.binding_scenes_train(24)
     history_path = work / "checkpoints" / "ground" / "binding.json"  # survives a resume, like the checkpoints
@@ -780,18 +806,21 @@ def train_grounding(work: Path, plan: Plan, dev: str) -> dict:
         # warm-up, constant, then a cosine to a tenth over the last 40 %
         tail = max(0.0, (step - 0.6 * plan.ground_steps) / (0.4 * plan.ground_steps))
         lr = plan.ground_lr * min(1.0, (step + 1) / 100) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * tail)))
-        for grp in opt.param_groups:
-            grp["lr"] = lr
+        for o in (opt, *more.values()):
+            for grp in o.param_groups:
+                grp["lr"] = lr
         hidden = text_encoder(targets.ids)[0]
         pred = unet(noisy, t, encoder_hidden_states=hidden).sample
         per = ((pred - target) ** 2).mean(dim=(1, 2, 3))
         v_loss = (per * min_snr_weight(alphas, t)).mean()
         l_token, l_pixel, shares = G.grounding_losses(recorder.take(), targets)
         loss = v_loss + plan.ground_token_weight * l_token + plan.ground_pixel_weight * l_pixel
-        opt.zero_grad(set_to_none=True)
+        for o in (opt, *more.values()):
+            o.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
+        torch.nn.utils.clip_grad_norm_(dense, 1.0)
+        for o in (opt, *more.values()):
+            o.step()
         with torch.no_grad():
             torch._foreach_lerp_(ema_params, [p.detach() for p in params], 0.001)
         out = {"v_loss": v_loss.item(), "token": l_token.item(), "pixel": l_pixel.item(),
