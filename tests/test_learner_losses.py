@@ -73,6 +73,74 @@ def test_sinkhorn_floor_changes_nothing_torch_logsumexp_would_compute():
     assert torch.equal(L._logsumexp(x, 1), torch.logsumexp(x, 1))
 
 
+def _attention_cases(side: int = 16):
+    """Masks and attention maps of every shape the attention loss meets: scattered cells, one cell, a box, the
+    whole grid, a wide band; attention from nearly flat to sharply peaked, one with a cell of no attention."""
+    rng = np.random.default_rng(7)
+    masks = [rng.random(side * side) > 0.6, np.eye(1, side * side, 37)[0] > 0]
+    for y, x, h, w in ((3, 4, 5, 7), (0, 0, side, side), (0, 0, side, 11), (9, 2, 2, 13)):
+        box = np.zeros((side, side), bool)
+        box[y : y + h, x : x + w] = True
+        masks.append(box.ravel())
+    mu, nu = [], []
+    for k, m in enumerate(masks):
+        for sharpness in (0.3, 6.0):
+            mu.append(m / m.sum())
+            logits = rng.normal(size=side * side) * sharpness
+            a = np.exp(logits - logits.max())
+            if k == 2 and sharpness > 1:
+                a[100] = 0.0
+            nu.append(a / a.sum())
+    return np.array(mu), np.array(nu)
+
+
+SINKHORN_TOLERANCE = 1e-9  # potentials ε·log u, ε·log v absolute; the transport cost relative
+
+
+def _plan_cost(log_u, log_v, log_k, cost):
+    return (torch.exp(log_u.unsqueeze(2) + log_k.unsqueeze(0) + log_v.unsqueeze(1)) * cost).sum(dim=(1, 2))
+
+
+@pytest.mark.parametrize("bound", [L._FACTOR_BOUND, 2.0, 1e-3])
+def test_absorbed_sinkhorn_is_the_fixed_200_log_domain_iterations(bound):
+    """The scaling-domain Sinkhorn the loss runs computes the published 200 log-domain iterations: the potentials
+    (whose ε-multiples are the gradient) to 1e-9 and the cost to 1e-9 relative, the -inf of empty cells where
+    they are. A tight bound forces absorptions at almost every update (2.0) or every update into the log domain
+    (1e-3): those paths agree too."""
+    mu, nu = (torch.tensor(x) for x in _attention_cases())
+    cost = L.grid_cost(16, dtype=torch.float64)
+    args = (mu, nu, cost, L.SINKHORN_EPSILON, L.SINKHORN_ITERATIONS)
+    ref = L._log_sinkhorn(*args)
+    ours = L._absorbed_sinkhorn(*args, bound=bound)
+    for a, b in zip(ours[:2], ref[:2], strict=True):
+        assert torch.equal(torch.isneginf(a), torch.isneginf(b))
+        finite = torch.isfinite(b)
+        assert float((a[finite] - b[finite]).abs().max()) * L.SINKHORN_EPSILON < SINKHORN_TOLERANCE
+    value, ref_value = _plan_cost(*ours, cost), _plan_cost(*ref, cost)
+    assert torch.allclose(value, ref_value, rtol=SINKHORN_TOLERANCE, atol=0)
+    # and it is a quantity 200 iterations fix: 199 or 201 give another cost, beyond the tolerance
+    for n in (199, 201):
+        other = _plan_cost(*L._log_sinkhorn(mu, nu, cost, L.SINKHORN_EPSILON, n), cost)
+        assert ((other - ref_value).abs() / ref_value).max() > 100 * SINKHORN_TOLERANCE
+
+
+def test_the_loss_cost_and_gradient_match_pot_on_every_kind_of_attention():
+    mu, nu = _attention_cases()
+    cost = L.grid_cost(16, dtype=torch.float64)
+    nu_t = torch.tensor(nu, requires_grad=True)
+    ours = L.sinkhorn_cost(torch.tensor(mu), nu_t, cost)
+    ours.sum().backward()
+    for b in range(len(mu)):
+        kept = nu[b] > 0  # POT's log-domain Sinkhorn takes strictly positive weights
+        plan, log = ot.sinkhorn(mu[b], nu[b][kept], cost.numpy()[:, kept], reg=L.SINKHORN_EPSILON,
+                                method="sinkhorn_log", numItermax=L.SINKHORN_ITERATIONS, stopThr=0.0, warn=False,
+                                log=True)
+        assert ours[b].item() == pytest.approx(float((plan * cost.numpy()[:, kept]).sum()), rel=SINKHORN_TOLERANCE)
+        np.testing.assert_allclose(nu_t.grad[b].numpy()[kept], L.SINKHORN_EPSILON * log["log_v"], rtol=0,
+                                   atol=SINKHORN_TOLERANCE)
+        assert (nu_t.grad[b].numpy()[~kept] == 0).all()  # a cell with no attention gets no gradient
+
+
 def test_attention_loss_is_small_when_attention_sits_on_the_mask():
     side = 16
     mask = torch.zeros(1, 1, 64, 64)
