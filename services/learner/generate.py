@@ -76,12 +76,22 @@ def load_pipeline(bundle, folder: Path, device: str = "cpu"):
 
 
 def generate(pipe, prompts: list[Prompt], num_images: int, seed: int, steps: int = 50,
-             guidance_scale: float = 7.5) -> Iterator[tuple[Prompt, int, int, Image.Image]]:
-    """(prompt, index, seed, image) for each image; image n of every prompt uses seed + n (mod 2⁶⁴)."""
-    for prompt in prompts:
-        for n in range(num_images):
-            image_seed = (seed + n) % MAX_SEED
-            generator = torch.Generator("cpu").manual_seed(image_seed)
-            image = pipe(prompt.text, num_inference_steps=steps, guidance_scale=guidance_scale,
-                         generator=generator).images[0]
+             guidance_scale: float = 7.5, batch_size: int | None = None,
+             ) -> Iterator[tuple[Prompt, int, int, Image.Image]]:
+    """(prompt, index, seed, image) for each image, prompt by prompt; image n of every prompt uses seed + n
+    (mod 2⁶⁴). The images of all the prompts are sampled `batch_size` at a time (default: as many as the memory
+    estimate lets fit, `memory.generation_batch`), each from its own generator: its starting noise and so its
+    image do not depend on the batch it is in (the batched UNet rounds differently: at most 2 levels of 255 per
+    pixel, tests/test_generation_batches.py)."""
+    from services.learner.memory import generation_batch
+
+    todo = [(prompt, n, (seed + n) % MAX_SEED) for prompt in prompts for n in range(num_images)]
+    if batch_size is None:
+        batch_size = generation_batch(pipe, len(todo), str(pipe.device))
+    for start in range(0, len(todo), max(1, batch_size)):
+        chunk = todo[start : start + max(1, batch_size)]
+        images = pipe([prompt.text for prompt, _, _ in chunk], num_inference_steps=steps,
+                      guidance_scale=guidance_scale,
+                      generator=[torch.Generator("cpu").manual_seed(s) for _, _, s in chunk]).images
+        for (prompt, n, image_seed), image in zip(chunk, images, strict=True):
             yield prompt, n, image_seed, image

@@ -139,14 +139,23 @@ def _to_fake(module: torch.nn.Module, mode, device: str) -> torch.nn.Module:
 
 def _fake_models(root: Path, device: str, with_vae: bool):
     from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextConfig
+
+    return _fake_from_configs(UNet2DConditionModel.load_config(str(root / "unet")),
+                              CLIPTextConfig.from_pretrained(str(root / "text_encoder")),
+                              AutoencoderKL.load_config(str(root / "vae")) if with_vae else None, device)
+
+
+def _fake_from_configs(unet_config, text_config, vae_config, device: str):
+    from diffusers import AutoencoderKL, UNet2DConditionModel
     from torch._subclasses.fake_tensor import FakeTensorMode
-    from transformers import CLIPTextConfig, CLIPTextModel
+    from transformers import CLIPTextModel
 
     mode = FakeTensorMode(allow_non_fake_inputs=True)
     with MODEL_BUILD_LOCK, torch.device("meta"):  # see services.common.bundle.MODEL_BUILD_LOCK
-        unet = UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(str(root / "unet")))
-        text = CLIPTextModel(CLIPTextConfig.from_pretrained(str(root / "text_encoder")))
-        vae = AutoencoderKL.from_config(AutoencoderKL.load_config(str(root / "vae"))) if with_vae else None
+        unet = UNet2DConditionModel.from_config(unet_config)
+        text = CLIPTextModel(text_config)
+        vae = AutoencoderKL.from_config(vae_config) if vae_config is not None else None
     for m in (unet, text, vae):
         if m is not None:
             _to_fake(m, mode, device)
@@ -226,7 +235,10 @@ def trace_training_step(root: Path, device: str, mode: str, batch: int, checkpoi
 def trace_class_images(root: Path, device: str, image_size: int, batch: int = CLASS_IMAGE_BATCH) -> int:
     """Peak bytes of class-image generation: a no-grad UNet pass at 2 × batch (guidance), a VAE decode at batch."""
     fake, unet, text, vae = _fake_models(root, device, with_vae=True)
-    side = _latent_side(root, unet, image_size)
+    return _trace_sampling(fake, unet, text, vae, device, _latent_side(root, unet, image_size), batch)
+
+
+def _trace_sampling(fake, unet, text, vae, device: str, side: int, batch: int) -> int:
     length = int(text.config.max_position_embeddings)
     peaks = []
     with fake, torch.no_grad(), _autocast(device):
@@ -242,6 +254,98 @@ def trace_class_images(root: Path, device: str, image_size: int, batch: int = CL
             vae.decode(z)
         peaks.append(tracker.peak)
     return max(peaks)
+
+
+# -- generation batches -------------------------------------------------------------------------------------------
+
+MAX_GENERATION_BATCH = 32  # images per batch at most, memory allowing: beyond this a CPU gains little per image
+GENERATION_TRACE_BATCH = CLASS_IMAGE_BATCH  # the batch traced; per image: its peak / the batch (an upper bound)
+
+
+def trace_generation(pipe, device: str, batch: int = GENERATION_TRACE_BATCH) -> int:
+    """Peak bytes of sampling `batch` images with a generation pipeline at its default size (the UNet at
+    2 × batch for classifier-free guidance, then the VAE decode), traced on fake copies of its own models; cached
+    like every trace, keyed by the models' configurations."""
+    import diffusers
+
+    unet_config, text_config, vae_config = dict(pipe.unet.config), pipe.text_encoder.config, dict(pipe.vae.config)
+    h = hashlib.sha256()
+    for part in (json.dumps(unet_config, sort_keys=True, default=str), text_config.to_json_string(),
+                 json.dumps(vae_config, sort_keys=True, default=str)):
+        h.update(part.encode())
+    kind = "cuda" if str(device).startswith("cuda") else "cpu"
+    key = "|".join(map(str, (TRACE_VERSION, "generate", h.hexdigest()[:32], kind, torch.__version__,
+                             diffusers.__version__, batch)))
+    _load_trace_files([_user_cache_file()])
+
+    def compute() -> int:
+        fake, unet, text, vae = _fake_from_configs(unet_config, text_config, vae_config, device)
+        return _trace_sampling(fake, unet, text, vae, device, int(unet.config.sample_size), batch)
+
+    return _cached_trace(key, compute, [_user_cache_file()])
+
+
+def free_memory(device: str) -> int:
+    """Bytes that more work on `device` may take now: a CUDA device's free memory (with what torch's cache holds
+    unused), or the host's (container's) memory less what this process holds."""
+    if str(device).startswith("cuda"):
+        index = torch.device(device).index or 0
+        free, _ = torch.cuda.mem_get_info(index)
+        return free + torch.cuda.memory_reserved(index) - torch.cuda.memory_allocated(index)
+    return host_memory() - process_rss()
+
+
+def generation_batch(pipe, images: int, device: str, available: int | None = None) -> int:
+    """How many of `images` images to sample together: the most that fit in `available` bytes (default:
+    `free_memory`) less the margin at the traced peak per image, at least 1 and at most `MAX_GENERATION_BATCH`."""
+    if images <= 1:
+        return 1
+    available = free_memory(device) if available is None else available
+    per_image = max(trace_generation(pipe, device) // GENERATION_TRACE_BATCH, 1)
+    fits = int(((available - MARGIN_BYTES) / (1 + MARGIN_FRACTION)) // per_image)
+    return max(1, min(images, MAX_GENERATION_BATCH, fits))
+
+
+# -- the trace cache ----------------------------------------------------------------------------------------------
+
+
+def _user_cache_file() -> Path:
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "ice" / "memory-traces.json"
+
+
+_LOADED_FILES: set[Path] = set()
+
+
+def _load_trace_files(paths: list[Path]) -> None:
+    for path in paths:
+        if path in _LOADED_FILES:
+            continue
+        _LOADED_FILES.add(path)
+        try:
+            known = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            continue
+        if isinstance(known, dict):
+            with _TRACES_LOCK:
+                _TRACES.update(known)
+
+
+def _cached_trace(key: str, compute, cache_files: list[Path]):
+    known = _TRACES.get(key)  # a known trace never waits for another one being made
+    if known is not None:
+        return known
+    with _TRACES_LOCK:  # one trace at a time: each one takes the CPU for a while
+        if key not in _TRACES:
+            _TRACES[key] = compute()
+            for path in cache_files:  # a cache that cannot be written only costs time
+                try:
+                    path.parent.mkdir(parents=True, exist_ok=True)
+                    tmp = path.with_name(f"{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
+                    tmp.write_text(json.dumps(_TRACES, indent=1), encoding="utf-8")
+                    os.replace(tmp, path)
+                except OSError as exc:
+                    log.debug("cannot write the memory-trace cache %s: %s", path, exc)
+        return _TRACES[key]
 
 
 # -- the estimator ------------------------------------------------------------------------------------------------
@@ -260,18 +364,11 @@ class MemoryEstimator:
         self.gradient_checkpointing = gradient_checkpointing
         self.adam_8bit = adam_8bit
         self.cache_files = [Path(cache_file)] if cache_file else []
-        self.cache_files.append(Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "ice"
-                                / "memory-traces.json")
+        self.cache_files.append(_user_cache_file())
         self._counts: dict[str, int] | None = None
         self._architecture: str | None = None
-        for path in self.cache_files:
-            try:
-                known = json.loads(path.read_text(encoding="utf-8"))
-            except (OSError, ValueError):
-                continue
-            if isinstance(known, dict):
-                with _TRACES_LOCK:
-                    _TRACES.update(known)
+        _LOADED_FILES.difference_update(self.cache_files)  # an estimator reads its files afresh
+        _load_trace_files(self.cache_files)
 
     @property
     def counts(self) -> dict[str, int]:
@@ -294,21 +391,7 @@ class MemoryEstimator:
                                   *parts)))
 
     def _cached(self, key: str, compute):
-        known = _TRACES.get(key)  # a known trace never waits for another one being made
-        if known is not None:
-            return known
-        with _TRACES_LOCK:  # one trace at a time: each one takes the CPU for a while
-            if key not in _TRACES:
-                _TRACES[key] = compute()
-                for path in self.cache_files:  # a cache that cannot be written only costs time
-                    try:
-                        path.parent.mkdir(parents=True, exist_ok=True)
-                        tmp = path.with_name(f"{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
-                        tmp.write_text(json.dumps(_TRACES, indent=1), encoding="utf-8")
-                        os.replace(tmp, path)
-                    except OSError as exc:
-                        log.debug("cannot write the memory-trace cache %s: %s", path, exc)
-            return _TRACES[key]
+        return _cached_trace(key, compute, self.cache_files)
 
     def training_trace(self, mode: str, batch: int) -> dict[str, int]:
         checkpointing = self.gradient_checkpointing and mode == "full"
