@@ -12,7 +12,7 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export HF_HUB_DISABLE_TELEMETRY := 1
 
-.PHONY: help install protos protos-check bundle demo demo-tiny toy-train toy-eval quality test bench scale-check gpu-check lint k8s-validate clean
+.PHONY: help install protos protos-check bundle demo demo-tiny toy-train toy-eval quality test bench scale-check gpu-check device-wheels gpu-check-dry-run lint k8s-validate clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F ':.*## ' '{printf "  make %-13s %s\n", $$1, $$2}'
@@ -106,6 +106,18 @@ scale-check: $(STAMPS)/install  ## SD-2.1-size random weights through the 3 serv
 
 gpu-check: $(STAMPS)/install  ## on a CUDA machine: bf16 train steps/s, Triton vs compiled KL, localizer round, one extraction
 	$(PY) bench/gpu_check.py $(GPU_CHECK_ARGS)
+
+# The lent GPU machine has no network and not every package (bench/device_packages.txt): these wheels travel with
+# the tree (.whl/, git-ignored; about 8 MB) and bench/gpu_check_device.sh installs them there.
+device-wheels: $(STAMPS)/install  ## download the wheels the GPU check carries to the lent GPU machine into .whl/
+	$(PY) -m pip download -q --disable-pip-version-check --no-deps --only-binary=:all: --python-version 3.12 \
+	    --implementation cp --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 \
+	    --platform manylinux2014_x86_64 -d .whl -r bench/device_wheels.txt
+
+# the GPU machine's check, dry-run on a CPU in a fresh Python 3.12 venv holding only that machine's packages
+gpu-check-dry-run: device-wheels  ## bench/gpu_check_device.sh --device cpu --quick in a venv shaped like the GPU machine
+	bench/device_venv.sh build/device-venv
+	PYTHON=build/device-venv/bin/python OUT=build/gpu-check-dry-run bash bench/gpu_check_device.sh --device cpu --quick
 
 lint: $(STAMPS)/install  ## ruff
 	$(VENV)/bin/ruff check .
