@@ -141,6 +141,18 @@ class Azure(Bucket):
         return props.etag, props.last_modified
 
 
+def _forget_file_systems() -> None:
+    """Drop fsspec's cached file-system instances: one made against an emulator that has since stopped would
+    otherwise be handed to the next emulator's tests (the same arguments; another port in the environment)."""
+    import fsspec
+
+    for protocol in ("s3", "gs", "gcs", "az", "abfs"):
+        try:
+            fsspec.get_filesystem_class(protocol).clear_instance_cache()
+        except (ImportError, ValueError):
+            pass
+
+
 @contextlib.contextmanager
 def _environment(env: dict[str, str]):
     """`env` in os.environ (for this process and the CLI's), and its FSSPEC_* defaults in fsspec's configuration,
@@ -150,9 +162,11 @@ def _environment(env: dict[str, str]):
     saved, conf = {k: os.environ.get(k) for k in env}, copy.deepcopy(fsspec.config.conf)
     os.environ.update(env)
     fsspec.config.set_conf_env(fsspec.config.conf, env)
+    _forget_file_systems()
     try:
         yield
     finally:
+        _forget_file_systems()  # fsspec keeps file systems by their arguments, not by the endpoint read from env
         fsspec.config.conf.clear()
         fsspec.config.conf.update(conf)
         for k, v in saved.items():

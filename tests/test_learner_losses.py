@@ -121,7 +121,8 @@ def test_absorbed_sinkhorn_is_the_fixed_200_log_domain_iterations(bound):
     # and it is a quantity 200 iterations fix: 199 or 201 give another cost, beyond the tolerance
     for n in (199, 201):
         other = _plan_cost(*L._log_sinkhorn(mu, nu, cost, L.SINKHORN_EPSILON, n), cost)
-        assert ((other - ref_value).abs() / ref_value).max() > 100 * SINKHORN_TOLERANCE
+        moving = ref_value > 0  # a case whose transport costs nothing costs nothing at any count
+        assert ((other - ref_value).abs()[moving] / ref_value[moving]).max() > 100 * SINKHORN_TOLERANCE
 
 
 def test_the_loss_cost_and_gradient_match_pot_on_every_kind_of_attention():

@@ -177,6 +177,16 @@ def grounded_caption(scene: Scene, rng: np.random.Generator, vote_share: float =
     return b.done()
 
 
+def nouns_only(caption: GroundedCaption) -> GroundedCaption:
+    """The caption with only its category words, "things" and "background" grounded (its colour and texture
+    words keep no mask): the words ICE's vote reads."""
+    from toyworld.world import COLOURS, TEXTURES
+
+    attributes = set(COLOURS) | set(TEXTURES)
+    return GroundedCaption(list(caption.words),
+                           [None if w in attributes else m for w, m in zip(caption.words, caption.masks, strict=True)])
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # a batch as token ids and per-token targets
 
@@ -290,9 +300,10 @@ class default_attention:
         return False
 
 
-def grounding_losses(recorded: dict[int, list[torch.Tensor]], targets: GroundingTargets,
-                     eps: float = 1e-6) -> tuple[torch.Tensor, torch.Tensor, dict[int, torch.Tensor]]:
-    """(L_token summed over supervised layers, L_pixel summed over supervised resolutions, share per side).
+def grounding_losses(recorded: dict[int, list[torch.Tensor]], targets: GroundingTargets, eps: float = 1e-6,
+                     layer_mean: bool = False) -> tuple[torch.Tensor, torch.Tensor, dict[int, torch.Tensor]]:
+    """(L_token summed over supervised layers (`layer_mean`: averaged over them), L_pixel summed over supervised
+    resolutions, share per side).
 
     For layer probabilities P [B, h, Q, K] and a grounded token k with target M [Q]:
     act = Σ_q P·M / Σ_q P per head; L_token = Σ_k w_k (1 − mean_h act)² / Σ_k w_k.
@@ -319,6 +330,8 @@ def grounding_losses(recorded: dict[int, list[torch.Tensor]], targets: Grounding
         norm = (avg / avg.amax(2, keepdim=True).clamp_min(eps)).clamp(eps, 1 - eps)
         bce = F.binary_cross_entropy(norm, (m > 0.5).float(), reduction="none").mean(2)
         l_pixel = l_pixel + (bce * (w > 0)).sum() / (w > 0).sum().clamp_min(1)
+    if layer_mean:
+        l_token = l_token / max(1, sum(len(v) for k, v in recorded.items() if k in targets.masks))
     return l_token, l_pixel, shares
 
 
