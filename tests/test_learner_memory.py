@@ -152,13 +152,15 @@ def test_a_job_that_cannot_fit_is_refused_with_its_figure(tiny_bundle, tiny_bund
 
 
 def test_class_images_come_from_the_jobs_own_models(tiny_bundle, tmp_path):
+    from services.learner import class_images as C
+
     prompt = "a photo at the beach"
-    reference = T.ensure_class_images(tiny_bundle, prompt, 2, tmp_path / "reference", "cpu", 2)  # bundle's pipeline
+    reference = C.generate(C.plan(tiny_bundle, prompt, 2, tmp_path / "reference", 2),
+                           lambda: tiny_bundle.load_diffusion("cpu"))  # the bundle's pipeline
     tiny_bundle._cache.clear()
     tok, text, unet, vae, _ = T.load_components(tiny_bundle, "cpu")
-    ours = T.ensure_class_images(tiny_bundle, prompt, 2, tmp_path / "ours", "cpu", 2,
-                                 pipeline=lambda: T.components_pipeline(tiny_bundle.root / "diffusion", tok, text,
-                                                                        unet, vae))
+    ours = C.generate(C.plan(tiny_bundle, prompt, 2, tmp_path / "ours", 2),
+                      lambda: T.components_pipeline(tiny_bundle.root / "diffusion", tok, text, unet, vae))
     for a, b in zip(reference, ours, strict=True):
         assert np.array_equal(np.asarray(Image.open(a)), np.asarray(Image.open(b)))
     assert not any(isinstance(k, tuple) and k[0] == "diffusion" for k in tiny_bundle._cache)
@@ -169,7 +171,7 @@ def test_a_job_loads_no_second_pipeline(tiny_bundle, photo_png, tmp_path):
     tr = Trainer(tiny_bundle, _spec(photo_png, phase1_steps=1, phase2_steps=0, refinement_steps=0),
                  tmp_path / "job", class_images_dir=tmp_path / "cls", class_image_steps=2)
     tr.prepare()
-    assert len(tr.class_paths) == 2 and all(p.is_file() for p in tr.class_paths)
+    assert len(tr.class_paths) == 1 and all(p.is_file() for p in tr.class_paths)  # one step uses one image
     assert not any(isinstance(k, tuple) and k[0] == "diffusion" for k in tiny_bundle._cache)
 
 

@@ -559,11 +559,18 @@ def write_recommended_file(root: Path, recommended: dict) -> None:
 def set_recommended(root: str | Path, recommended: dict) -> dict:
     """Replace a finished bundle's recommended options and re-hash it (its digest changes: it is a new bundle
     version). Returns the new bundle info."""
+    write_recommended_file(Path(root), recommended)
+    return rehash_bundle(root)
+
+
+def rehash_bundle(root: str | Path, components: dict | None = None) -> dict:
+    """Re-hash a finished bundle after files of it were added or replaced (its digest changes: it is a new bundle
+    version), keeping its name, version, kind and precision; `components` entries join its component summary.
+    Returns the new bundle info."""
     root = Path(root)
     info = json.loads((root / B.BUNDLE_JSON).read_text())
-    write_recommended_file(root, recommended)
     return write_bundle_json(root, name=info["name"], version=info["version"], kind=info["kind"],
-                             precision=info["precision"], components=info["components"])
+                             precision=info["precision"], components={**info["components"], **(components or {})})
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -15,6 +15,10 @@ A bundle is a directory::
     recommended.json                 optional: this bundle's own defaults for options a request leaves unset,
                                      {"localize": {...}, "learn": {...}, "schedule": {...}, "generate": {...}}
                                      (e.g. a DiffSeg merge threshold calibrated for this UNet's attention)
+    class_images/                    optional: the first N prior-preservation class images of one class prompt
+                                     (`00000.png`, ... image n generated with seed n) and `class_images.json`
+                                     {prompt, count, num_inference_steps}; made by `ice-bundle class-images`,
+                                     so that no learner generates them (services/learner/class_images.py)
     vocab/embeddings.safetensors     ``text`` [V,D]: the SpLiCE dictionary (CLIP text embedding of each word alone,
                                      L2-normalised, centred on the mean over words, L2-normalised again);
                                      ``text_plain`` [V,D]: the same embeddings only L2-normalised (the space of
@@ -82,6 +86,8 @@ DINO_DIR = "dino"
 VOCAB_TSV = "vocab/vocab.tsv"
 VOCAB_EMBEDDINGS = "vocab/embeddings.safetensors"
 RECOMMENDED_JSON = "recommended.json"  # optional: the bundle's own defaults for request options
+CLASS_IMAGES_DIR = "class_images"  # optional: prior-preservation class images the bundle carries
+CLASS_IMAGES_INDEX = f"{CLASS_IMAGES_DIR}/class_images.json"
 RECOMMENDED_SECTIONS = ("localize", "learn", "schedule", "generate")
 
 # Keys of open_clip_config.json that are ours and not arguments of open_clip's model constructors.
@@ -449,11 +455,39 @@ class Bundle:
         done.append(
             f"vocabulary ({len(vocab)} words, {int(vocab.nouns_mask().sum())} nouns, dim {vocab.dim})"
         )
+        carried = self.verify_class_images()
+        if carried:
+            done.append(carried)
         recommended = {s: self.recommended(s) for s in RECOMMENDED_SECTIONS}
         if any(recommended.values()):
             done.append("recommended options: " + "; ".join(
                 f"{s} {', '.join(f'{k}={v}' for k, v in values.items())}" for s, values in recommended.items() if values))
         return done
+
+    def verify_class_images(self) -> str:
+        """The class images the bundle carries: listed in bundle.json and in their index, PNG images of the
+        bundle's image size (their hashes are checked with every file). "" when it carries none."""
+        if CLASS_IMAGES_INDEX not in self.info["files"]:
+            return ""
+        from PIL import Image
+
+        index = _read_json(self.root, CLASS_IMAGES_INDEX)
+        try:
+            prompt, count, steps = str(index["prompt"]), int(index["count"]), int(index["num_inference_steps"])
+        except (KeyError, TypeError, ValueError) as e:
+            raise BundleError(f"needs prompt, count and num_inference_steps: {e}", CLASS_IMAGES_INDEX) from None
+        for n in range(count):
+            rel = f"{CLASS_IMAGES_DIR}/{n:05d}.png"
+            if rel not in self.info["files"]:
+                raise BundleError(f"lists {count} images but {rel} is not in bundle.json", CLASS_IMAGES_INDEX)
+            try:
+                with Image.open(self.root / rel) as img:
+                    size = img.size if img.format == "PNG" else None
+            except OSError as e:
+                raise BundleError(f"not an image: {e}", rel) from None
+            if size != (self.image_size, self.image_size):
+                raise BundleError(f"expected a {self.image_size} px PNG, got {size}", rel)
+        return f"class images ({count} of {prompt!r}, {steps} denoising steps)"
 
     # -- recommended options ------------------------------------------------------------------------------------
 

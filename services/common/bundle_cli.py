@@ -4,6 +4,7 @@
     ice-bundle assemble --out DIR --diffusion DIR --open-clip-config FILE --open-clip-weights FILE --dino DIR \\
         [--vocab FILE [--vocab-size N]] [--image-mean-from DIR|FILE] [--name NAME] [--precision float16] [--force]
     ice-bundle image-mean PHOTOS_DIR --out mean.npy (--bundle DIR | --open-clip-config FILE --open-clip-weights FILE)
+    ice-bundle class-images DIR [--prompt P] [--count N] [--steps S] [--device D] [--force]
     ice-bundle verify DIR
 
 Exit codes: 0 ok, 1 a bundle problem (one line naming the file on stderr), 2 bad arguments.
@@ -88,6 +89,19 @@ def _parser() -> argparse.ArgumentParser:
     m.add_argument("--bundle", type=Path, default=None, help="use this bundle's CLIP")
     m.add_argument("--open-clip-config", type=Path, default=None, help="or an open_clip model config JSON ...")
     m.add_argument("--open-clip-weights", type=Path, default=None, help="... and its weights (.safetensors)")
+
+    c = sub.add_parser("class-images", help="generate the bundle's prior-preservation class images once and make "
+                                            "them part of it (learners then take them instead of generating)")
+    c.add_argument("dir", type=Path)
+    c.add_argument("--prompt", default=None, help="class prompt (default: the one of the bundle's recommended "
+                                                  "schedule, else the published 'a photo at the beach')")
+    c.add_argument("--count", type=int, default=None,
+                   help="images (default: as many as a job of the bundle's recommended schedule uses: "
+                        "min(num_class_images, its total steps))")
+    c.add_argument("--steps", type=int, default=50, help="denoising steps per image (the learner's "
+                                                         "--class-image-steps; default 50)")
+    c.add_argument("--device", default="auto", help="auto, cpu, cuda[:N]")
+    c.add_argument("--force", action="store_true", help="make them again when the bundle carries some")
 
     v = sub.add_parser("verify", help="check hashes and load every component")
     v.add_argument("dir", type=Path)
@@ -177,6 +191,13 @@ def main(argv: list[str] | None = None) -> int:
                 progress=_say,
             )
             _summary(args.out, t0)
+        elif args.command == "class-images":
+            from services.common.service import resolve_device
+            from services.learner.class_images import add_to_bundle
+
+            add_to_bundle(args.dir, prompt=args.prompt, count=args.count, steps=args.steps,
+                          device=resolve_device(args.device), force=args.force, progress=_say)
+            _summary(args.dir, t0)
         elif args.command == "image-mean":
             from services.common.assemble import image_mean_from_folder, write_image_mean
 

@@ -211,6 +211,14 @@ class LearnerSettings(Settings):
     max_job_crashes: int = _setting(
         3, "A job that was running each of this many times the learner process died (e.g. killed for memory) fails "
            "instead of being resumed again.", ("learner",))
+    concept_library: str = _setting(
+        "", "Where the concept library lives (every succeeded job's concepts, for ListConcepts, GenerateComposition "
+            "and ExportConcepts): a folder, or object storage every replica shares (s3://bucket/prefix, gs://..., "
+            "az://...; credentials from the environment). Empty = <job-store>/library (this replica only).",
+        ("learner",))
+    max_composition_tokens: int = _setting(
+        16, "Most distinct library tokens one GenerateComposition or ExportConcepts request may reference "
+            "(RESOURCE_EXHAUSTED beyond).", ("learner",))
 
 
 @dataclass(frozen=True)

@@ -98,10 +98,15 @@ def apply_artifacts(pipe, folder: Path) -> dict:
     with MODEL_BUILD_LOCK:  # new embedding rows and LoRA layers are parameters: see services.common.bundle
         pipe.load_textual_inversion([{t: v.to(dtype)} for t, v in embeds.items()], token=list(embeds))
         if manifest.get("unet_delta") == UNET_DELTA:
-            delta = load_file(str(folder / UNET_DELTA))
-            params = dict(pipe.unet.named_parameters())
-            for name, d in delta.items():
-                params[name].add_(d.to(params[name].device, params[name].dtype))
+            add_unet_delta(pipe, folder / UNET_DELTA)
         elif manifest.get("unet_delta") == LORA:
             pipe.load_lora_weights(str(folder), weight_name=LORA)
     return manifest
+
+
+@torch.no_grad()
+def add_unet_delta(pipe, path: Path) -> None:
+    """Add a full refinement delta (`unet_delta.safetensors`: trained − base, per weight) to the pipeline's UNet."""
+    params = dict(pipe.unet.named_parameters())
+    for name, d in load_file(str(path)).items():
+        params[name].add_(d.to(params[name].device, params[name].dtype))

@@ -3,6 +3,7 @@ prompts, or free prompts, with a DPM-Solver multistep scheduler, seeded per imag
 
 from __future__ import annotations
 
+import secrets
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -11,6 +12,7 @@ import torch
 from PIL import Image
 
 from services.common.bundle import MODEL_BUILD_LOCK
+from services.common.errors import InvalidArgument
 from services.learner.artifacts import apply_artifacts
 
 MAX_SEED = 2**64
@@ -27,6 +29,25 @@ class GenerationDefaults:
 
 def generation_defaults(bundle) -> GenerationDefaults:
     return bundle.recommended_defaults("generate", GenerationDefaults())
+
+
+def request_options(bundle, request) -> tuple[int, int, float, int]:
+    """(images per prompt, steps, guidance, seed) of a Generate-shaped request: its set fields, else the defaults
+    (the seed drawn); INVALID_ARGUMENT naming the field out of range."""
+    d = generation_defaults(bundle)
+
+    def given(name: str) -> bool:  # a request may lack a field (an export has no image count)
+        return name in request.DESCRIPTOR.fields_by_name and request.HasField(name)
+
+    num_images = request.num_images if given("num_images") else d.num_images
+    steps = request.num_inference_steps if given("num_inference_steps") else d.num_inference_steps
+    guidance = request.guidance_scale if given("guidance_scale") else d.guidance_scale
+    for value, low, high, name in ((num_images, 1, 64, "num_images"), (steps, 1, 200, "num_inference_steps"),
+                                   (guidance, 0, 50, "guidance_scale")):
+        if not low <= value <= high:
+            raise InvalidArgument(f"{value} is outside [{low}, {high}]", field=name)
+    seed = request.seed if given("seed") else secrets.randbits(63)
+    return num_images, steps, guidance, seed
 
 
 @dataclass(frozen=True)
@@ -61,6 +82,12 @@ def intrinsic_prompts(manifest: dict, concept_ids: list[str]) -> list[Prompt]:
 
 def load_pipeline(bundle, folder: Path, device: str = "cpu"):
     """A private pipeline of the bundle with the job's artifacts applied and the DPM-Solver scheduler."""
+    return base_pipeline(bundle, device, lambda pipe: apply_artifacts(pipe, folder))
+
+
+def base_pipeline(bundle, device: str = "cpu", prepare=None):
+    """A private pipeline of the bundle with the DPM-Solver scheduler; `prepare(pipe)` (learned tokens, deltas)
+    runs under the model-build lock."""
     from diffusers import DPMSolverMultistepScheduler, StableDiffusionPipeline
 
     dtype = torch.bfloat16 if str(device).startswith("cuda") else torch.float32
@@ -71,7 +98,8 @@ def load_pipeline(bundle, folder: Path, device: str = "cpu"):
         pipe.set_progress_bar_config(disable=True)
         pipe.scheduler = DPMSolverMultistepScheduler.from_config(pipe.scheduler.config)
         pipe.to(device)
-        apply_artifacts(pipe, folder)
+        if prepare is not None:
+            prepare(pipe)
     return pipe
 
 

@@ -4,8 +4,11 @@
   the first job when the request digest matches, else `Aborted`.
 - One job trains at a time, in submission order. Progress (phase, step, losses) is written to the record
   after every step; watchers are woken on every change.
-- `cancel` takes effect within one step (at once for a queued job). `stop` (server shutdown) checkpoints the
-  running job and leaves it resumable.
+- `cancel` takes effect within one step (at once for a queued job), and while the job prepares within one
+  denoising step of its class images. `stop` (server shutdown) stops the running job at the same points,
+  checkpoints it (from its first step on) and leaves it resumable; `close` then waits for the runner, so a
+  learner process exits only once its job has stopped (never with a thread inside torch under the interpreter's
+  shutdown, which aborts the process).
 - On start, jobs that were running when the process died are queued again ahead of the others and resume
   from their newest valid checkpoint (RNG states included), so they end exactly as an uninterrupted run. The
   reported step never goes backwards: it holds at the furthest step reached while the steps since that checkpoint
@@ -16,7 +19,8 @@
   glibc free lists), so an idle learner returns to its idle footprint.
 
 Layout under the store directory: `jobs.sqlite`, `jobs/{id}/input/` (image, masks, spec.json),
-`jobs/{id}/checkpoints/`, `jobs/{id}/artifacts/`.
+`jobs/{id}/checkpoints/`, `jobs/{id}/artifacts/`, `class-image-timings.json` (seconds per class image measured
+here, for the plans and ETAs of later jobs), `class-images/` (the class-image cache, unless placed elsewhere).
 """
 
 from __future__ import annotations
@@ -47,6 +51,7 @@ from services.common.errors import (
     ResourceExhausted,
 )
 from services.common.images import decode_mask, encode_mask
+from services.learner import class_images as C
 from services.learner.artifacts import ArtifactFile, write_artifacts
 from services.learner.memory import release_host_memory
 from services.learner.trainer import (
@@ -81,10 +86,11 @@ JOB_MEMORY = Gauge("ice_learner_job_memory_estimate_bytes", "Estimated peak memo
 
 _COLUMNS = ("id", "request_id", "request_digest", "state", "phase", "step", "total_steps", "losses",
             "create_time", "start_time", "update_time", "end_time", "error_code", "error_message",
-            "cancel_requested", "result", "seq", "crashes", "interrupted", "memory_estimate")
+            "cancel_requested", "result", "seq", "crashes", "interrupted", "memory_estimate", "class_images")
 # columns added after the first release, with what older rows read as
 _ADDED_COLUMNS = {"crashes": "INTEGER DEFAULT 0", "interrupted": "INTEGER DEFAULT 0",
-                  "memory_estimate": "INTEGER DEFAULT 0"}
+                  "memory_estimate": "INTEGER DEFAULT 0", "class_images": "TEXT"}
+CLASS_IMAGE_TIMINGS = "class-image-timings.json"
 
 
 @dataclass
@@ -109,6 +115,8 @@ class JobRecord:
     crashes: int = 0  # times the process died while running this job
     interrupted: bool = False  # stopped cleanly (SIGTERM) while running: resumes without counting a crash
     memory_estimate: int = 0  # bytes the job is estimated to need at its peak (0: not estimated)
+    # the class images it uses (None: prior preservation off): {"count", "ready", "to_generate", "source", "steps"}
+    class_images: dict | None = None
 
     @property
     def done(self) -> bool:
@@ -138,7 +146,8 @@ class JobStore:
         row = (r.id, r.request_id, r.request_digest, r.state, r.phase, r.step, r.total_steps, json.dumps(r.losses),
                r.create_time, r.start_time, r.update_time, r.end_time, r.error_code, r.error_message,
                int(r.cancel_requested), json.dumps(r.result) if r.result is not None else None, r.seq,
-               r.crashes, int(r.interrupted), r.memory_estimate)
+               r.crashes, int(r.interrupted), r.memory_estimate,
+               json.dumps(r.class_images) if r.class_images is not None else None)
         with self._lock:
             self._db.execute(f"INSERT OR REPLACE INTO jobs ({','.join(_COLUMNS)}) VALUES "
                              f"({','.join('?' * len(_COLUMNS))})", row)
@@ -155,6 +164,7 @@ class JobStore:
             d = dict(zip(_COLUMNS, row, strict=True))
             d["losses"] = json.loads(d["losses"] or "{}")
             d["result"] = json.loads(d["result"]) if d["result"] else None
+            d["class_images"] = json.loads(d["class_images"]) if d["class_images"] else None
             d["cancel_requested"] = bool(d["cancel_requested"])
             d["interrupted"] = bool(d["interrupted"])
             d["crashes"], d["memory_estimate"] = int(d["crashes"] or 0), int(d["memory_estimate"] or 0)
@@ -197,8 +207,10 @@ class JobManager:
     def __init__(self, root: Path, bundle, *, device: str = "cpu", queue_size: int = 8,
                  class_images_dir: Path | None = None, class_image_steps: int = 50, resume_jobs: bool = True,
                  advertise_address: str = "", max_crashes: int = 3, gradient_checkpointing: bool = True,
-                 adam_8bit: bool = False, before_job: Callable[[], None] | None = None):
+                 adam_8bit: bool = False, before_job: Callable[[], None] | None = None,
+                 on_succeeded: Callable[[JobRecord], None] | None = None):
         self.root = Path(root)
+        self.on_succeeded = on_succeeded or (lambda record: None)  # e.g. publish to the concept library
         self.max_crashes = max_crashes
         self.gradient_checkpointing = gradient_checkpointing
         self.adam_8bit = adam_8bit
@@ -217,6 +229,8 @@ class JobManager:
         self.store_writable = True
         self._unwritable_since = 0.0
         self._step_seconds: float | None = None  # moving average over this replica's steps
+        self._timings_path = self.root / CLASS_IMAGE_TIMINGS
+        self._image_seconds: dict[str, float] = _read_timings(self._timings_path)  # per (diffusion, steps, device)
         self._jobs: dict[str, JobRecord] = {}
         for r in self.store.all():
             if r.state == RUNNING:
@@ -275,24 +289,66 @@ class JobManager:
         with self._cond:
             return sorted(self._jobs.values(), key=lambda r: r.seq)
 
+    def active_jobs(self) -> int:
+        """Jobs queued or running."""
+        with self._cond:
+            return sum(1 for r in self._jobs.values() if r.state in (QUEUED, RUNNING))
+
+    def step_seconds(self) -> float | None:
+        """This replica's training step time (moving average), None before its first timed step."""
+        return self._step_seconds
+
     def queue_position(self, job_id: str) -> int:
         with self._cond:
             record = self._jobs[job_id]
             return sum(1 for r in self._jobs.values() if r.state == QUEUED and r.seq < record.seq)
 
     def eta_seconds(self, record: JobRecord) -> float | None:
-        """Remaining steps of this job and of everything ahead of it, at this replica's step time."""
+        """Remaining steps and class images to generate of this job and of everything ahead of it, at this
+        replica's step time and class-image time (None while either is needed and not measured yet)."""
         if record.done or self._step_seconds is None:
             return None
         with self._cond:
-            ahead = sum(r.total_steps - r.step for r in self._jobs.values()
-                        if not r.done and r.seq < record.seq)
-        return (ahead + record.total_steps - record.step) * self._step_seconds
+            pending = [r for r in self._jobs.values() if not r.done and r.seq < record.seq] + [record]
+        images = sum(class_images_left(r) for r in pending)
+        per_image = self.seconds_per_class_image()
+        if images and per_image is None:
+            return None
+        return sum(r.total_steps - r.step for r in pending) * self._step_seconds + images * (per_image or 0.0)
+
+    # -- class images -------------------------------------------------------------------------------------------
+
+    def class_image_plan(self, spec: LearningSpec) -> C.ClassImagePlan | None:
+        """The class images a job of `spec` uses and which of them exist now (None: prior preservation off)."""
+        s = spec.schedule
+        if s.num_class_images <= 0:
+            return None
+        return C.plan(self.bundle, s.class_prompt, C.used_count(s.num_class_images, s.total_steps),
+                      self.class_images_dir, self.class_image_steps)
+
+    def _timing_key(self) -> str:
+        return f"{C.diffusion_digest(self.bundle)[:16]}|{self.class_image_steps}|{self.device}"
+
+    def seconds_per_class_image(self) -> float | None:
+        """Seconds one class image takes here, as measured on the class images this store's learner generated
+        (with this bundle's diffusion weights, denoising steps and device); None before any was."""
+        return self._image_seconds.get(self._timing_key())
+
+    def _measured_class_image(self, seconds: float) -> None:
+        key = self._timing_key()
+        known = self._image_seconds.get(key)
+        self._image_seconds[key] = seconds if known is None else 0.7 * known + 0.3 * seconds
+        try:  # a file that cannot be written only costs the next plans their estimate
+            tmp = self._timings_path.with_name(f"{CLASS_IMAGE_TIMINGS}.{os.getpid()}.tmp")
+            tmp.write_text(json.dumps(self._image_seconds, indent=1), encoding="utf-8")
+            os.replace(tmp, self._timings_path)
+        except OSError as exc:
+            log.debug("cannot write %s: %s", self._timings_path, exc)
 
     # -- commands -----------------------------------------------------------------------------------------------
 
     def submit(self, spec: LearningSpec, request_id: str = "", request_digest: str = "",
-               memory_estimate: int = 0) -> JobRecord:
+               memory_estimate: int = 0, source_sha256: str = "") -> JobRecord:
         with self._cond:
             if request_id:
                 for r in self._jobs.values():
@@ -307,9 +363,12 @@ class JobManager:
             try:
                 self.job_dir(job_id).mkdir(parents=True)
                 save_inputs(self.job_dir(job_id) / "input", spec)
+                if source_sha256:  # the request's own image (the input folder holds its training square)
+                    (self.job_dir(job_id) / "input" / "source.json").write_text(json.dumps({"sha256": source_sha256}))
                 now = time.time()
                 record = JobRecord(job_id, request_id, request_digest, QUEUED, spec.schedule.total_steps, now, now,
-                                   seq=self._seq + 1, memory_estimate=memory_estimate)
+                                   seq=self._seq + 1, memory_estimate=memory_estimate,
+                                   class_images=class_images_info(self.class_image_plan(spec)))
                 self._put(record)
             except OSError as exc:  # the inputs could not be saved: leave nothing half-made behind
                 shutil.rmtree(self.job_dir(job_id), ignore_errors=True)
@@ -375,13 +434,18 @@ class JobManager:
         self._thread = threading.Thread(target=self._loop, name="learner-runner", daemon=True)
         self._thread.start()
 
-    def stop(self, timeout: float = 30.0) -> None:
-        """Stop after the current step; the running job is checkpointed and resumes on the next start."""
+    def stop(self, timeout: float = 30.0) -> bool:
+        """Stop after the current step (or denoising step, while preparing); the running job is checkpointed and
+        resumes on the next start. True when the runner stopped within `timeout` seconds."""
         self._stopping.set()
         with self._cond:
             self._cond.notify_all()
+        stopped = True
         if self._thread is not None:
             self._thread.join(timeout)
+            stopped = not self._thread.is_alive()
+            if not stopped:
+                log.warning("the running job did not stop within %.0fs", timeout)
         # a job stopped this way (or still finishing its step) is no crash: it resumes on the next start
         with self._cond:
             for r in list(self._jobs.values()):
@@ -390,9 +454,14 @@ class JobManager:
                         self._put(replace(r, interrupted=True))
                     except ResourceExhausted:  # unwritable store: counted as a crash on the next start
                         log.warning("job %s: could not record the clean stop", r.id)
+        return stopped
 
-    def close(self) -> None:
-        self.stop()
+    def close(self, timeout: float = 30.0) -> None:
+        """Stop (see `stop`), then wait for the runner however long its step takes: a process must not exit with
+        a thread inside torch (the interpreter's shutdown would tear torch down under it and abort)."""
+        if not self.stop(timeout) and self._thread is not None:
+            log.warning("waiting for the running job to end its step")
+            self._thread.join()
         self.store.close()
 
     def _next(self) -> JobRecord | None:
@@ -455,6 +524,20 @@ class JobManager:
         def on_phase(phase: str) -> None:
             self._update(job_id, phase=phase)
 
+        def should_stop() -> None:
+            if self.get(job_id).cancel_requested:
+                raise Cancelled("cancelled by the caller")
+            if self._stopping.is_set():
+                raise Interrupted()
+
+        def on_class_images(plan: C.ClassImagePlan, seconds_per_image: float | None) -> None:
+            if seconds_per_image is not None:
+                self._measured_class_image(seconds_per_image)
+            known = self.get(job_id).class_images or {}
+            info = class_images_info(plan, to_generate=known.get("to_generate"))
+            if info != known:
+                self._update(job_id, class_images=info)
+
         def on_step(info: StepInfo) -> None:
             seconds = info.losses.pop("step_seconds", None)
             if seconds is not None:
@@ -477,7 +560,7 @@ class JobManager:
             trainer = Trainer(self.bundle, spec, self.job_dir(job_id), device=self.device,
                               class_images_dir=self.class_images_dir, class_image_steps=self.class_image_steps,
                               on_step=on_step, on_phase=on_phase, gradient_checkpointing=self.gradient_checkpointing,
-                              adam_8bit=self.adam_8bit)
+                              adam_8bit=self.adam_8bit, should_stop=should_stop, on_class_images=on_class_images)
             if self.get(job_id).cancel_requested:
                 raise Cancelled("cancelled by the caller")
             result = trainer.run(resume=True)
@@ -486,6 +569,7 @@ class JobManager:
             payload = {"tokens": [t.to_json() for t in result.tokens], "artifacts": [asdict(f) for f in files]}
             del result
             shutil.rmtree(self.job_dir(job_id) / "checkpoints", ignore_errors=True)
+            self.on_succeeded(self.get(job_id))  # before the operation is done: its concepts are listed by then
             self._finish(job_id, SUCCEEDED, started, result=payload)
         except Interrupted:
             log.info("job %s interrupted by shutdown; it resumes on the next start", job_id)
@@ -548,6 +632,28 @@ def is_out_of_memory(exc: BaseException) -> bool:
 
     return isinstance(exc, torch.OutOfMemoryError) or (
         isinstance(exc, RuntimeError) and "can't allocate memory" in str(exc))
+
+
+def class_images_info(plan: C.ClassImagePlan | None, to_generate: int | None = None) -> dict | None:
+    """A plan as the job record keeps it. `to_generate` is what the job had to make when it was accepted (kept
+    as the job makes them; a plan made later counts only what is still missing)."""
+    if plan is None:
+        return None
+    return {"count": plan.count, "ready": plan.ready, "source": plan.source, "steps": plan.steps,
+            "to_generate": plan.to_generate if to_generate is None else to_generate}
+
+
+def class_images_left(record: JobRecord) -> int:
+    info = record.class_images or {}
+    return max(0, int(info.get("count", 0)) - int(info.get("ready", 0)))
+
+
+def _read_timings(path: Path) -> dict[str, float]:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return {str(k): float(v) for k, v in data.items()} if isinstance(data, dict) else {}
 
 
 def artifact_files(record: JobRecord) -> list[ArtifactFile]:

@@ -10,8 +10,9 @@
   tensors (torch's `FakeTensorMode`: shapes and dtypes, no data, no arithmetic) with the job's own
   configuration: which weights train (the new token rows, the whole UNet, or a LoRA), gradient checkpointing,
   batch, device and autocast dtype.
-- **class images** (only when prior preservation is on): the no-grad UNet pass of one generation batch (with
-  classifier-free guidance) and the VAE decode of its images, traced the same way.
+- **class images** (only when the job must generate some: not when the bundle carries them or the cache holds
+  them already): the no-grad UNet pass of one generation batch (with classifier-free guidance) and the VAE decode
+  of its images, traced the same way.
 - **margin**: 10 % + 256 MiB for allocator slack and for what the trace leaves out (the triplet losses' extra
   text-encoder passes, the attention loss, the latents of the source image).
 
@@ -38,6 +39,7 @@ import torch
 import torch.nn.functional as F
 
 from services.common.bundle import MODEL_BUILD_LOCK
+from services.learner.class_images import CLASS_IMAGE_BATCH  # images per class-image generation batch
 
 log = logging.getLogger("ice.learner.memory")
 
@@ -46,7 +48,6 @@ MARGIN_FRACTION = 0.10
 MARGIN_BYTES = 256 << 20
 LORA_TARGETS = ("to_k", "to_q", "to_v", "to_out.0")
 TRACE_LORA_RANK = 4
-CLASS_IMAGE_BATCH = 4  # images per class-image generation batch (trainer.ensure_class_images)
 FLOAT32 = 4
 TRACE_VERSION = "trace-1"  # part of every cache key: a change to what a trace measures makes a new one
 
@@ -410,8 +411,11 @@ class MemoryEstimator:
                       prior=True, tokens=6)
 
     def estimate(self, *, phases: tuple[str, ...], refinement: str, lora_rank: int, prior: bool,
-                 tokens: int) -> MemoryEstimate:
-        """`phases`: the training phases the job runs ("object_level", "intrinsic", "refinement")."""
+                 tokens: int, generates_class_images: bool | None = None) -> MemoryEstimate:
+        """`phases`: the training phases the job runs ("object_level", "intrinsic", "refinement"). `prior`:
+        prior preservation is on (a batch of 2); `generates_class_images`: the job must generate class images
+        (default: whenever `prior`)."""
+        generates = prior if generates_class_images is None else (prior and generates_class_images)
         counts = self.counts
         weights = FLOAT32 * sum(counts.values())
         batch = 2 if prior else 1
@@ -437,7 +441,7 @@ class MemoryEstimator:
             candidates["lora"] = {"optimizer": adapter + rows, "activations and gradients": trace["peak"] + extra_grads}
         worst = max(candidates.values(), key=lambda c: sum(c.values())) if candidates else {}
         dynamic = sum(worst.values())
-        class_images = self.class_image_trace() if prior else 0
+        class_images = self.class_image_trace() if generates else 0
         parts = {"weights": weights}
         if class_images > dynamic:
             parts["class-image generation"] = class_images
@@ -447,13 +451,13 @@ class MemoryEstimator:
         parts["margin"] = int(MARGIN_FRACTION * subtotal) + MARGIN_BYTES
         return MemoryEstimate(sum(parts.values()), parts)
 
-    def estimate_spec(self, spec) -> MemoryEstimate:
+    def estimate_spec(self, spec, generates_class_images: bool | None = None) -> MemoryEstimate:
         s = spec.schedule
         phases = tuple(name for name, steps in (("object_level", s.phase1_steps), ("intrinsic", s.phase2_steps),
                                                 ("refinement", s.refinement_steps)) if steps > 0)
         tokens = len(spec.concepts) * (2 + len(spec.anchors))
         return self.estimate(phases=phases, refinement=spec.refinement, lora_rank=spec.lora_rank,
-                             prior=s.num_class_images > 0, tokens=tokens)
+                             prior=s.num_class_images > 0, tokens=tokens, generates_class_images=generates_class_images)
 
 
 # -- what the device has ------------------------------------------------------------------------------------------

@@ -26,8 +26,9 @@ class TracedJobManager(JobManager):
         self._job_spans: dict[str, trace.Span] = {}
         self._phase_spans: dict[str, tuple[str, trace.Span]] = {}
 
-    def submit(self, spec, request_id: str = "", request_digest: str = "", memory_estimate: int = 0) -> JobRecord:
-        record = super().submit(spec, request_id, request_digest, memory_estimate)
+    def submit(self, spec, request_id: str = "", request_digest: str = "", memory_estimate: int = 0,
+               source_sha256: str = "") -> JobRecord:
+        record = super().submit(spec, request_id, request_digest, memory_estimate, source_sha256)
         creator = trace.get_current_span().get_span_context()
         if creator.is_valid:
             with self._trace_lock:

@@ -17,12 +17,9 @@ RNG state the next step depends on, so a resumed job computes exactly what an un
 from __future__ import annotations
 
 import gc
-import hashlib
 import json
 import logging
-import os
 import random
-import shutil
 import time
 from collections.abc import Callable
 from contextlib import nullcontext
@@ -38,6 +35,7 @@ from services.common.bundle import MODEL_BUILD_LOCK
 from services.common.errors import BundleError, InvalidArgument
 from services.common.images import image_to_tensor
 from services.learner import checkpoints
+from services.learner import class_images as C
 from services.learner import losses as L
 from services.learner.attention import AttentionStore, install_capture
 from services.learner.tokens import (
@@ -69,7 +67,6 @@ TEMPLATES = (
 )
 ADAM = dict(betas=(0.9, 0.999), weight_decay=1e-2, eps=1e-8)
 MAX_GRAD_NORM = 1.0
-CLASS_IMAGE_BATCH = 4  # class images generated per pipeline call
 
 
 @dataclass(frozen=True)
@@ -175,54 +172,6 @@ def phase_of(step: int, schedule: Schedule) -> str:
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# class images for prior preservation, shared by every job
-
-
-def class_images_key(bundle_digest: str, prompt: str, count: int, steps: int) -> str:
-    return hashlib.sha256(f"{bundle_digest}\n{prompt}\n{count}\n{steps}".encode()).hexdigest()[:24]
-
-
-def ensure_class_images(bundle, prompt: str, count: int, cache_dir: Path, device: str, steps: int = 50,
-                        batch_size: int = CLASS_IMAGE_BATCH, pipeline: Callable[[], object] | None = None,
-                        autocast=None) -> list[Path]:
-    """The `count` class images of `prompt`, generated once per (bundle, prompt, count, steps) and cached.
-
-    Image n is generated with seed n, so the cache is reproducible; the folder is written under a temporary
-    name and renamed, so concurrent replicas never see half a set. `pipeline` makes the pipeline to generate
-    with (a learning job passes one over the models it has loaded already); by default the bundle's cached
-    pipeline (in bf16 on CUDA).
-    """
-    folder = cache_dir / class_images_key(bundle.digest, prompt, count, steps)
-    names = [folder / f"{n:05d}.png" for n in range(count)]
-    if (folder / "done.json").is_file():
-        return names
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    tmp = cache_dir / f".tmp-{folder.name}-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    if pipeline is None:
-        dtype = torch.bfloat16 if str(device).startswith("cuda") else torch.float32
-        pipe = bundle.load_diffusion(device, dtype)
-    else:
-        pipe = pipeline()
-    for start in range(0, count, batch_size):
-        seeds = list(range(start, min(start + batch_size, count)))
-        with autocast or nullcontext():
-            images = pipe([prompt] * len(seeds), num_inference_steps=steps,
-                          generator=[torch.Generator("cpu").manual_seed(s) for s in seeds]).images
-        for s, img in zip(seeds, images, strict=True):
-            img.save(tmp / f"{s:05d}.png")
-    del pipe
-    (tmp / "done.json").write_text(json.dumps({"bundle": bundle.digest, "prompt": prompt, "count": count,
-                                               "steps": steps}))
-    try:
-        os.replace(tmp, folder)
-    except OSError:  # another replica finished first
-        shutil.rmtree(tmp, ignore_errors=True)
-    return names
-
-
-# ----------------------------------------------------------------------------------------------------------------
 
 
 def components_pipeline(root: Path, tokenizer, text_encoder, unet, vae):
@@ -288,6 +237,8 @@ class Trainer:
         on_phase: Callable[[str], None] | None = None,
         gradient_checkpointing: bool = True,
         adam_8bit: bool = False,
+        should_stop: Callable[[], None] | None = None,
+        on_class_images: Callable[[C.ClassImagePlan, float | None], None] | None = None,
     ):
         self.bundle = bundle
         self.spec = spec
@@ -299,6 +250,10 @@ class Trainer:
         self.class_image_steps = class_image_steps
         self.on_step = on_step or (lambda info: None)
         self.on_phase = on_phase or (lambda phase: None)
+        # called while preparing (between stages, before every class-image batch and after each of its denoising
+        # steps); raises to stop there (a cancellation, a shutdown), as `on_step` may after a step
+        self.should_stop = should_stop or (lambda: None)
+        self.on_class_images = on_class_images or (lambda plan, seconds_per_image: None)
         self.gradient_checkpointing = gradient_checkpointing  # full-UNet refinement recomputes activations
         self.adam_8bit = adam_8bit  # refinement with bitsandbytes' 8-bit AdamW (CUDA only)
         if adam_8bit and not str(device).startswith("cuda"):
@@ -316,16 +271,21 @@ class Trainer:
         spec, s = self.spec, self.schedule
         self.generator = torch.Generator("cpu").manual_seed(spec.seed)
         self.rng = random.Random(spec.seed)
+        self.should_stop()
         self.tokenizer, self.text_encoder, self.unet, self.vae, self.noise_scheduler = load_components(
             self.bundle, self.device)
+        self.should_stop()
         self.prior = s.num_class_images > 0
         if self.prior:  # generated with the models just loaded, before any learned token or capture exists
-            self.class_paths = ensure_class_images(
-                self.bundle, s.class_prompt, s.num_class_images, self.class_images_dir, self.device,
-                self.class_image_steps, pipeline=lambda: components_pipeline(
-                    self.bundle.root / "diffusion", self.tokenizer, self.text_encoder, self.unet, self.vae),
-                autocast=self.autocast)
+            plan = self.class_image_plan()
+            self.on_class_images(plan, None)
+            self.class_paths = C.generate(
+                plan, lambda: components_pipeline(self.bundle.root / "diffusion", self.tokenizer, self.text_encoder,
+                                                  self.unet, self.vae),
+                autocast=self.autocast, should_stop=self.should_stop,
+                on_progress=lambda ready, count, seconds: self.on_class_images(plan, seconds))
             self.class_latents: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+            self.should_stop()
         with MODEL_BUILD_LOCK:  # see services.common.bundle.MODEL_BUILD_LOCK
             concepts = [(c.concept_id, c.noun) for c in spec.concepts]
             self.tokens = ConceptTokens(self.tokenizer, self.text_encoder, plan_tokens(concepts, spec.anchors))
@@ -356,6 +316,12 @@ class Trainer:
             encoded = self.tokens.encode(words, dev)
         self.word_e = dict(zip(words, encoded, strict=True))
         self.margins = L.intrinsic_margins(self.word_e, spec.anchors)
+
+    def class_image_plan(self) -> C.ClassImagePlan:
+        """The class images this job uses (only those: see `class_images.used_count`) and where they come from."""
+        s = self.schedule
+        return C.plan(self.bundle, s.class_prompt, C.used_count(s.num_class_images, s.total_steps),
+                      self.class_images_dir, self.class_image_steps)
 
     def _class_latent(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
         if index not in self.class_latents:
@@ -455,7 +421,7 @@ class Trainer:
         batch_latents, batch_target, batch_t = [], [], []
         if self.prior:
             t = self._timestep()
-            x, n = self._noisy(*self._class_latent(step % len(self.class_paths)), t)
+            x, n = self._noisy(*self._class_latent(step % s.num_class_images), t)
             batch_latents.append(x), batch_target.append(n), batch_t.append(t)
             ids = torch.cat([self.class_ids, ids])
         t = self._timestep()

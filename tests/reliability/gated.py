@@ -11,6 +11,8 @@ Everything else is the unchanged `python -m services.SERVICE`. The gate is files
   separated), writes `held-i` and `held-i-N` (N: the how-many-th time a job of this process reached step i) and
   waits while `closed` or `closed-i-N` exists; `closed-i-N` holds one job, the N-th to reach step i, and lets the
   others pass. Steps done before it were checkpointed as usual.
+  Class-image generation: before the pipeline call that makes the batch starting at image b, for a b listed in
+  `hold-class-at`, writes `class-held-b` and waits while `closed` exists (the batches before it are written).
 """
 
 from __future__ import annotations
@@ -65,6 +67,19 @@ def _gate_learner() -> None:
         return original(self, i, *args, **kwargs)
 
     trainer.Trainer.step = step
+
+    from services.learner import class_images
+
+    make_batch = class_images.make_batch
+
+    def batch(pipe, prompt, seeds, *args, **kwargs):
+        hold = GATE / "hold-class-at"
+        if hold.exists() and str(seeds[0]) in hold.read_text().split():
+            (GATE / f"class-held-{seeds[0]}").touch()
+            _wait_open()
+        return make_batch(pipe, prompt, seeds, *args, **kwargs)
+
+    class_images.make_batch = batch
 
 
 if __name__ == "__main__":

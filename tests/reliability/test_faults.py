@@ -4,6 +4,10 @@
   call before the model (a gate in the model call holds the first call, so nothing depends on speed);
 - SIGTERM while calls are in flight: they all finish, new calls get UNAVAILABLE, the process exits 0;
 - SIGTERM while a learning job trains: the job is checkpointed at the step it reached and resumes there;
+- SIGTERM while a job makes its class images (held at its second batch): the process exits 0 within the grace period
+  (it aborted with SIGABRT before), the pipeline call it was in stops at its first denoising step, and the next
+  process resumes the job, keeping the images made; SIGKILL there: the finished images stay, the next process makes
+  only the rest, and every image is the one an uninterrupted generation makes;
 - the learner SIGKILLed twice mid-job, its newest checkpoint corrupted while it is down the second time: the job resumes
   from the newest checkpoint that verifies and succeeds, exactly one job record. (A single kill with a bit-exact
   comparison against an uninterrupted run is `tests/test_learner_service.py::test_sigkilled_learner_resumes_...`.)
@@ -17,6 +21,7 @@
 from __future__ import annotations
 
 import errno
+import hashlib
 import logging
 import re
 import shutil
@@ -196,6 +201,92 @@ def test_sigterm_checkpoints_the_running_job_and_it_resumes_there(tiny_bundle_di
         ops.CancelOperation(operations_pb2.CancelOperationRequest(name=op.name), timeout=30)
     finally:
         proc.stop()
+
+
+def _preparing_job(proc: ServiceProcess) -> operations_pb2.Operation:
+    """A job that uses 8 class images (2 batches of 4) and trains 8 steps."""
+    schedule = learner_pb2.Schedule(phase1_steps=4, phase2_steps=2, refinement_steps=2, num_class_images=8,
+                                    checkpoint_every=0)
+    request = learner_pb2.CreateLearningJobRequest(
+        image=IMAGE, concepts=[learner_pb2.ConceptInput(noun="cup", mask=MASK)], schedule=schedule, seed=11)
+    return learner_pb2_grpc.LearnerServiceStub(proc.channel).CreateLearningJob(request, timeout=PATIENCE)
+
+
+def _class_images(store: Path) -> dict[str, tuple[int, int, str]]:
+    """name -> (inode, mtime, sha256) of every class image in the store's cache."""
+    return {p.name: (p.stat().st_ino, p.stat().st_mtime_ns, hashlib.sha256(p.read_bytes()).hexdigest())
+            for p in sorted((store / "class-images").rglob("*.png"))}
+
+
+def _held_at_the_second_batch(tiny_bundle_dir, tmp_path) -> tuple[ServiceProcess, Path, operations_pb2.Operation]:
+    gate = tmp_path / "gate"
+    gate.mkdir()
+    (gate / "closed").touch()
+    (gate / "hold-class-at").write_text("4")  # images 0-3 are made, then the call for 4-7 waits
+    proc = _learner(tiny_bundle_dir, tmp_path, gate, "--grace-seconds", "600")
+    op = _preparing_job(proc)
+    wait_for(lambda: (gate / "class-held-4").exists(), PATIENCE, "the job did not reach its second batch")
+    return proc, gate, op
+
+
+
+def test_sigterm_while_a_job_prepares_hands_it_back_exits_0_and_it_resumes_in_the_next_process(
+        tiny_bundle_dir, tmp_path):
+    proc, gate, op = _held_at_the_second_batch(tiny_bundle_dir, tmp_path)
+    store = tmp_path / "store"
+    ops = operations_pb2_grpc.OperationsStub(proc.channel)
+    assert _metadata(ops.GetOperation(operations_pb2.GetOperationRequest(name=op.name), timeout=30)).phase == \
+        learner_pb2.PHASE_PREPARING
+    made = _class_images(store)
+    assert sorted(made) == [f"0000{n}.png" for n in range(4)]
+    try:
+        proc.signal(signal.SIGTERM)
+        wait_for(lambda: "shutting down" in proc.log_text(), PATIENCE, "the signal was not handled")
+    finally:
+        (gate / "closed").unlink()  # the pipeline call starts: the job stops at its first denoising step
+    assert proc.proc.wait(PATIENCE) == 0, proc.log_tail()  # not 134 (SIGABRT)
+    proc.stop()
+    log = proc.log_text()
+    assert f"job {op.name.split('/')[1]} interrupted by shutdown" in log, log[-3000:]
+    assert "terminate called" not in log and "Traceback" not in log, log[-3000:]
+    assert _class_images(store) == made  # the call it was in wrote nothing, and the finished images stay
+
+    proc = _learner(tiny_bundle_dir, tmp_path, None)  # the next process on the job store (a rescheduled pod)
+    try:
+        ops = operations_pb2_grpc.OperationsStub(proc.channel)
+        done = _wait_done(ops, op.name, PATIENCE)
+        assert done.HasField("response"), done.error
+        assert _metadata(done).step == 8
+    finally:
+        proc.stop()
+    assert "stopped unexpectedly" not in proc.log_text()  # a clean stop is no crash
+    after = _class_images(store)
+    assert {k: after[k] for k in made} == made and len(after) == 8  # 0-3 kept as they were, 4-7 made
+
+
+def test_sigkill_while_class_images_are_made_keeps_the_finished_ones_and_goes_on_from_the_next(
+        tiny_bundle_dir, tmp_path, tiny_bundle):
+    from services.learner import class_images as C
+
+    proc, gate, op = _held_at_the_second_batch(tiny_bundle_dir, tmp_path)
+    store = tmp_path / "store"
+    made = _class_images(store)
+    proc.kill()  # SIGKILL while the call for images 4-7 waits
+    (gate / "closed").unlink()
+    assert _class_images(store) == made and len(made) == 4
+    proc = _learner(tiny_bundle_dir, tmp_path, None)  # the next process on the job store
+    try:
+        done = _wait_done(operations_pb2_grpc.OperationsStub(proc.channel), op.name, PATIENCE)
+        assert done.HasField("response"), done.error
+    finally:
+        proc.stop()
+    after = _class_images(store)
+    assert {k: after[k] for k in made} == made  # images 0-3 untouched (same inode, same mtime)
+    assert sorted(after) == [f"0000{n}.png" for n in range(8)]
+    # each image is what an uninterrupted generation makes (deterministic per seed and batch)
+    reference = C.generate(C.plan(tiny_bundle, "a photo at the beach", 8, tmp_path / "reference", 2),
+                           lambda: tiny_bundle.load_diffusion("cpu"))
+    assert [after[p.name][2] for p in reference] == [hashlib.sha256(p.read_bytes()).hexdigest() for p in reference]
 
 
 def test_learner_survives_repeated_sigkill_and_a_corrupted_checkpoint(tiny_bundle_dir, tmp_path):
