@@ -29,10 +29,12 @@ from typing import Any
 import grpc
 from google.longrunning import operations_pb2
 
+from client import compose as C
 from client import messages as M
 from client import tracing
 from client.channel import open_aio_channel
-from client.core import ClientCore, JobWatch
+from client.compose import LibraryConcept
+from client.core import ClientCore, JobWatch, scaled_schedule
 from client.errors import IceClientError, ServiceError
 from client.longcalls import evaluate_timeout, localize_timeout
 from client.messages import EVALUATOR, LEARNER, LOCALIZER, OPERATIONS, learning_request
@@ -43,6 +45,7 @@ from client.types import (
     Extraction,
     GeneratedImage,
     Job,
+    JobPlan,
     JobProgress,
     LearningResult,
     LocalizeResult,
@@ -145,6 +148,21 @@ class AsyncIceClient(ClientCore):
         self._remember(op.name, metadata)
         return Job(op.name, metadata.replica_address)
 
+    async def plan_job(self, image: Any, concepts: Sequence[Concept] | Sequence[tuple[str, Any]],
+                       **options) -> JobPlan:
+        """What `create_job` would do, without queuing anything (see `IceClient.plan_job`)."""
+        request = learning_request(image, concepts, **options)
+        return M.job_plan(await self._call("learner", LEARNER, "PlanLearningJob", M.plan_request(request)))
+
+    async def plan_or_none(self, *args, **kwargs) -> JobPlan | None:
+        """`plan_job`, or None from a learner too old to plan (UNIMPLEMENTED)."""
+        try:
+            return await self.plan_job(*args, **kwargs)
+        except ServiceError as exc:
+            if exc.code == grpc.StatusCode.UNIMPLEMENTED:
+                return None
+            raise
+
     async def job(self, job: Job | str) -> JobProgress:
         """The job's current progress (google.longrunning GetOperation)."""
         job, channel, address = self._job_route(job)
@@ -211,8 +229,12 @@ class AsyncIceClient(ClientCore):
         """Download the job's artifact files into `out_dir` (checked against their sha256, written atomically)."""
         job, channel, address = self._job_route(job)
         request = learner_pb2.GetArtifactsRequest(name=job.name, files=list(files))
+        return await self._download(out_dir, "GetArtifacts", request, channel, address)
+
+    async def _download(self, out_dir: str | Path, method: str, request, channel=None, address=None) -> list[Path]:
+        """The files a GetArtifacts-shaped stream sends, written into `out_dir` (checked, atomically)."""
         writer = M.ArtifactWriter(out_dir, self.targets["learner"])
-        stream = self._stream("learner", LEARNER, "GetArtifacts", request, None, channel, address)
+        stream = self._stream("learner", LEARNER, method, request, None, channel, address)
         try:
             async with contextlib.aclosing(stream):
                 async for chunk in stream:
@@ -284,7 +306,17 @@ class AsyncIceClient(ClientCore):
     async def learn(self, image: bytes, concepts: Sequence[Concept], options: ExtractOptions,
                     progress: bool | Callable[[JobProgress], None], on_job: Callable[[str], None]) -> LearningResult:
         """Create the job and wait for it; when the task is cancelled meanwhile, the job is cancelled too."""
-        job = await self.create_job(image, concepts, anchors=options.anchors, schedule=options.schedule,
+        schedule = options.schedule
+        if self._planning(options):  # the plan first: scaled with few_class_images, then told to on_plan
+            plan = await self.plan_or_none(image, concepts, anchors=options.anchors, schedule=schedule,
+                                           seed=options.seed)
+            if options.few_class_images:
+                schedule = scaled_schedule(options.schedule, plan)
+                plan = plan and await self.plan_or_none(image, concepts, anchors=options.anchors, schedule=schedule,
+                                                        seed=options.seed)
+            if plan is not None and self.on_plan is not None:
+                self.on_plan(plan)
+        job = await self.create_job(image, concepts, anchors=options.anchors, schedule=schedule,
                                     seed=options.seed)
         on_job(job.name)
         try:
@@ -314,3 +346,76 @@ class AsyncIceClient(ClientCore):
 
     async def cancel_job(self, job_id: str) -> None:
         await self.cancel(job_id)
+
+    # --- the concept library and composition (client/compose.py; see `IceClient`) -----------------------------
+    async def concepts(self, filter: str = "", *, parent: str = "", full: bool = False,
+                       page_size: int = 100) -> list[LibraryConcept]:
+        """Every concept of the learner's library (ListConcepts, all pages); see `IceClient.concepts`."""
+        out, token = [], ""
+        while True:
+            request = learner_pb2.ListConceptsRequest(parent=parent, page_size=page_size, page_token=token,
+                                                      filter=filter, view=C.view(full))
+            r = await self._call("learner", LEARNER, "ListConcepts", request)
+            out += [C.library_concept(c) for c in r.concepts]
+            token = r.next_page_token
+            if not token:
+                return out
+
+    async def concept(self, name: str, full: bool = True, aliases: dict[str, str] | None = None) -> LibraryConcept:
+        """One concept by its resource name (or a token's), or as `JOB:CONCEPT` (GetConcept)."""
+        if not name.startswith("operations/"):
+            resolved, _ = await self._resolved([C.parse_readable(C.braced(name))], aliases or {})
+            name = C.single_ref(resolved[0], name).name
+        request = learner_pb2.GetConceptRequest(name=name, view=C.view(full))
+        return C.library_concept((await self._call("learner", LEARNER, "GetConcept", request)).concept)
+
+    async def _resolved(self, parsed: list[list], aliases: dict[str, str], jobs: Sequence[str | None] = ()):
+        wanted = C.listing(parsed, aliases, list(jobs))
+        if wanted is None:
+            known = await self.concepts()
+        else:
+            known = [c for j in wanted for c in await self.concepts(parent=f"operations/{j}")]
+        return [C.resolve(p, known, aliases) for p in parsed], known
+
+    async def _composition(self, prompts, delta, delta_job, options, aliases):
+        prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+        parsed, known = await self._resolved([C.parse_readable(p) for p in prompts], aliases or {}, [delta_job])
+        wire = [C.wire_prompt(p) for p in parsed]
+        request = C.composition_request(wire, delta, C.resolve_job(delta_job, known, aliases or {}), options)
+        return request, dict(zip(wire, prompts, strict=True)), parsed
+
+    async def iter_compose(self, prompts: str | Sequence[str], *, delta: str = "tokens_only",
+                           delta_job: str | None = None, options: GenerateOptions | None = None,
+                           aliases: dict[str, str] | None = None) -> AsyncIterator[C.ComposedImage]:
+        """Images from prompts mixing the tokens of several jobs (see `IceClient.iter_compose`)."""
+        request, readable, _ = await self._composition(prompts, delta, delta_job, options, aliases)
+        stream = self._stream("learner", LEARNER, "GenerateComposition", request)
+        async with contextlib.aclosing(stream):
+            async for r in stream:
+                yield C.composed_image(r, readable)
+
+    async def compose(self, prompts: str | Sequence[str], *, delta: str = "tokens_only",
+                      delta_job: str | None = None, options: GenerateOptions | None = None,
+                      aliases: dict[str, str] | None = None, out_dir: str | Path | None = None) -> C.Composition:
+        """`iter_compose` collected, with its concepts and (with `out_dir`) its report; see `IceClient.compose`."""
+        request, readable, parsed = await self._composition(prompts, delta, delta_job, options, aliases)
+        stream = self._stream("learner", LEARNER, "GenerateComposition", request)
+        async with contextlib.aclosing(stream):
+            images = [C.composed_image(r, readable) async for r in stream]
+        concepts = [await self.concept(n) for n in C.referenced_concepts(parsed)]
+        result = C.Composition(list(readable.values()), list(request.prompts), delta, request.delta_job, images,
+                               concepts)
+        if out_dir is not None:
+            await asyncio.to_thread(C.write_composition, result, Path(out_dir))
+        return result
+
+    async def export_concepts(self, refs: Sequence[str], out_dir: str | Path, *, delta: str = "tokens_only",
+                              delta_job: str | None = None, prompt: str = "", options: GenerateOptions | None = None,
+                              aliases: dict[str, str] | None = None) -> list[Path]:
+        """Write a folder plain diffusers loads (see `IceClient.export_concepts`)."""
+        parsed = [C.parse_readable(C.braced(r)) for r in refs] + ([C.parse_readable(prompt)] if prompt else [])
+        resolved, known = await self._resolved(parsed, aliases or {}, [delta_job])
+        names = [C.single_ref(p, r).name for p, r in zip(resolved, refs, strict=False)]
+        request = C.export_request(names, delta, C.resolve_job(delta_job, known, aliases or {}),
+                                   C.wire_prompt(resolved[-1]) if prompt else "", options)
+        return await self._download(out_dir, "ExportConcepts", request)

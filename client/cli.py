@@ -10,6 +10,8 @@
     ice evaluate result/                              # re-score one extraction (ACC among its own concepts)
     ice evaluate results/                             # a batch's results as one set: the paper's ACC protocol
     ice score-masks --predicted a.png b.png --ground-truth g1.png g2.png
+    ice concepts list --noun cup ; ice concepts show JOB:c0 ; ice concepts export JOB:c0 JOB2:c1.color --out DIR
+    ice compose "a photo of {JOB:c0} in {JOB2:c1.color} color" --out DIR [--delta tokens_only|one_job|merged_lora]
 
 Exit codes, one per kind of failure (the `kind` of a `--json` error):
   0  success
@@ -174,6 +176,10 @@ def _schedule_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--checkpoint-every", type=int)
     g.add_argument("--quick", action="store_true",
                    help="a few steps of each phase (2/2/1, 2 class images): a smoke test, not a result")
+    g.add_argument("--few-class-images", action="store_true",
+                   help="one class image per 10 training steps instead of one per step (a job never uses more "
+                        "than one per step): a tenth of the preparation when they are not cached; the "
+                        "prior-preservation loss then sees each image about 10 times")
     g.add_argument("--anchors", nargs="+", default=[], metavar="WORD",
                    help="intrinsic anchors (default texture material color)")
     g.add_argument("--seed", type=int, help="seed of the learning job")
@@ -219,7 +225,13 @@ def _extract_options(a):
 
     return ExtractOptions(localize=_localize_options(a), schedule=_schedule(a), anchors=tuple(a.anchors),
                           generate=_generate_options(a), seed=a.seed, composition=not a.no_composition,
-                          encoders=tuple(a.encoder or ()), evaluate=not a.no_evaluate)
+                          encoders=tuple(a.encoder or ()), evaluate=not a.no_evaluate,
+                          few_class_images=a.few_class_images)
+
+
+def _say_plan(plan) -> None:
+    """A job's plan, before it is created: what it will generate first, and how long that takes."""
+    print(f"ice: learning job: {plan.line()}", file=sys.stderr, flush=True)
 
 
 def _client(a):
@@ -261,6 +273,8 @@ def cmd_extract(a) -> int:
         check_local_image(image, a.image)
     out = writable_dir(a.out)
     backend = _backend(a)
+    if hasattr(backend, "plan_job"):  # a learner service: it plans each job before it is created
+        backend.on_plan = _say_plan
     extraction = run_extraction(backend, image, _extract_options(a), out_dir=out, progress=not a.no_progress)
     nouns = ", ".join(f"{c.concept_id}={c.noun}" for c in extraction.localization.concepts) or "none"
     lines = [f"concepts: {nouns}"]
@@ -314,14 +328,23 @@ def _concepts_from(a) -> list[tuple[str, bytes]]:
 def cmd_learn(a) -> int:
     ice = _client(a)
     if a.learn_command == "start":
-        job = ice.create_job(read_image(a.image), _concepts_from(a), anchors=a.anchors, schedule=_schedule(a),
-                             seed=a.seed)
+        from client.core import scaled_schedule
+
+        image, concepts, schedule = read_image(a.image), _concepts_from(a), _schedule(a)
+        plan = ice.plan_or_none(image, concepts, anchors=a.anchors, schedule=schedule, seed=a.seed)
+        if a.few_class_images:
+            schedule = scaled_schedule(schedule, plan)
+            plan = plan and ice.plan_or_none(image, concepts, anchors=a.anchors, schedule=schedule, seed=a.seed)
+        if plan is not None:
+            _say_plan(plan)  # before the job exists: what it will generate first and how long that takes
+        job = ice.create_job(image, concepts, anchors=a.anchors, schedule=schedule, seed=a.seed)
+        planned = {"plan": plan.to_dict()} if plan is not None else {}
         if a.wait:
             result = ice.wait(job, progress=not (a.json or a.no_progress))
-            _emit(a, {"job": job.ref, **result.to_dict()}, f"{job.ref} succeeded; tokens: "
+            _emit(a, {"job": job.ref, **planned, **result.to_dict()}, f"{job.ref} succeeded; tokens: "
                   + " ".join(t.token for t in result.tokens if t.role != "INSTANCE"))
         else:  # "operations/ID@replica" when the learner advertises its replica: later commands go there
-            _emit(a, {"job": job.ref}, job.ref)
+            _emit(a, {"job": job.ref, **planned}, job.ref)
         return 0
     if a.learn_command == "list":
         jobs = ice.jobs()
@@ -648,6 +671,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--start-timeout", type=float, default=300.0)
     p.add_argument("--json", action="store_true")
     p.set_defaults(run=cmd_serve)
+
+    from client.compose import add_commands  # ice concepts list|show|export, ice compose
+
+    add_commands(sub, conn, gen)
     return parser
 
 

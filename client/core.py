@@ -5,6 +5,8 @@ failed call into `ServiceError`. The two subclasses differ only in how a channel
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 
 import grpc
@@ -16,7 +18,8 @@ from client.channel import DEFAULT_TARGETS, ChannelConfig, display_target
 from client.errors import ServiceError, from_rpc_error
 from client.longcalls import Resume
 from client.messages import EVALUATOR, LEARNER, LOCALIZER, OPERATIONS
-from client.types import Job, JobProgress
+from client.options import Schedule, few_class_images
+from client.types import Job, JobPlan, JobProgress
 from ice.evaluator.v1 import evaluator_pb2_grpc
 from ice.learner.v1 import learner_pb2, learner_pb2_grpc
 from ice.localizer.v1 import localizer_pb2_grpc
@@ -53,6 +56,8 @@ class ClientCore:
         timeout: float = 600.0,
         config: ChannelConfig | None = None,
     ):
+        # told the plan of each job `learn` creates, before it is created (the CLI prints it)
+        self.on_plan: Callable[[JobPlan], None] | None = None
         self.config = config or ChannelConfig(
             tls=tls,
             root_certificates=Path(root_certificates) if root_certificates else None,
@@ -92,6 +97,9 @@ class ClientCore:
             self._channels[key] = self._open(address)
         return job, self._channels[key], address
 
+    def _planning(self, options) -> bool:
+        return bool(options.few_class_images or self.on_plan)
+
     def _remember(self, name: str, metadata: learner_pb2.LearningJobMetadata) -> None:
         if metadata.replica_address:
             self._owners[name] = metadata.replica_address
@@ -110,6 +118,16 @@ class ClientCore:
 
     def _deadline(self, timeout: float | None | str) -> float | None:
         return self.config.timeout if timeout == "default" else timeout
+
+
+def scaled_schedule(schedule: Schedule, plan: JobPlan | None) -> Schedule:
+    """`schedule` with its class images scaled to the job's steps (`few_class_images`): the steps of the learner's
+    plan (its defaults may be the bundle's), or of the schedule and the published defaults from a learner that
+    cannot plan (`plan` None)."""
+    total = plan.total_steps if plan is not None else sum(
+        v if v is not None else d for v, d in ((schedule.phase1_steps, 400), (schedule.phase2_steps, 400),
+                                               (schedule.refinement_steps, 300)))
+    return replace(schedule, num_class_images=few_class_images(total))
 
 
 class JobWatch:

@@ -60,11 +60,12 @@ class DevServices:
     job_store: Path | None = None  # the learner's job store; default: a folder under log_dir
     log_dir: Path | None = None  # default: a temporary folder
     extra_args: dict[str, list[str]] = field(default_factory=dict)
+    services: tuple[str, ...] = SERVICES  # which of them to start (a benchmark of the learner alone needs one)
     processes: dict[str, subprocess.Popen] = field(default_factory=dict)
     _log_start: dict[str, int] = field(default_factory=dict)
 
     def targets(self) -> dict[str, str]:
-        return {name: f"{self.host}:{self.ports[name]}" for name in SERVICES}
+        return {name: f"{self.host}:{self.ports[name]}" for name in self.services}
 
     def command(self, name: str) -> list[str]:
         args = [sys.executable, "-m", f"services.{name}", "--bundle", str(self.bundle), "--host", self.host,
@@ -83,7 +84,7 @@ class DevServices:
         repo_root = str(Path(__file__).resolve().parent.parent)
         env["PYTHONPATH"] = os.pathsep.join(p for p in (repo_root, env.get("PYTHONPATH")) if p)
         try:
-            for name in SERVICES:
+            for name in self.services:
                 self._log_start[name] = (self.log_dir / f"{name}.log").stat().st_size \
                     if (self.log_dir / f"{name}.log").exists() else 0
                 log = open(self.log_dir / f"{name}.log", "ab")
@@ -99,7 +100,7 @@ class DevServices:
 
     def wait_ready(self, timeout: float) -> None:
         deadline = time.monotonic() + timeout
-        pending = set(SERVICES)
+        pending = set(self.services)
         while pending:
             for name in sorted(pending):
                 code = self.processes[name].poll()

@@ -17,7 +17,14 @@ from pathlib import Path
 from typing import Any
 
 from client.errors import IceClientError, JobFailed
-from client.options import ExtractOptions, GenerateOptions, LocalizeOptions, image_bytes, mask_png
+from client.options import (
+    ExtractOptions,
+    GenerateOptions,
+    LocalizeOptions,
+    few_class_images,
+    image_bytes,
+    mask_png,
+)
 from client.types import (
     ArtifactFile,
     Concept,
@@ -145,6 +152,10 @@ class LocalIce:
         root = (self.work_dir or Path.cwd() / "ice-local") / "job"
         folder = (self.work_dir or Path.cwd() / "ice-local") / "artifacts"
         spec = self._spec(image, concepts, options)
+        if options.few_class_images:  # as the services' client scales them (ClientCore.scaled_schedule)
+            schedule = dataclasses.replace(options.schedule,
+                                           num_class_images=few_class_images(spec.schedule.total_steps))
+            spec = self._spec(image, concepts, dataclasses.replace(options, schedule=schedule))
         total = spec.schedule.total_steps
         self._cancel.clear()
         last = {"step": 0, "losses": {}}
@@ -161,8 +172,12 @@ class LocalIce:
             if self._cancel.is_set():
                 raise trainer.Interrupted()
 
+        def should_stop():  # also while the class images are made (after each denoising step)
+            if self._cancel.is_set():
+                raise trainer.Interrupted()
+
         job = trainer.Trainer(self.bundle, spec, root, device=self.device, class_images_dir=self.class_images_dir,
-                              on_step=on_step, on_phase=report)
+                              on_step=on_step, on_phase=report, should_stop=should_stop)
         try:
             result = job.run(resume=False)
         except trainer.Interrupted:

@@ -20,11 +20,13 @@ from client.errors import JobFailed, ServiceError
 from client.options import GenerateOptions, LocalizeOptions, Schedule, image_bytes, mask_png
 from client.types import (
     ArtifactFile,
+    ClassImages,
     Concept,
     ConceptScore,
     EncoderScores,
     EvaluationResult,
     GeneratedImage,
+    JobPlan,
     JobProgress,
     LearnedToken,
     LearningResult,
@@ -162,6 +164,26 @@ def learning_result(r: learner_pb2.LearningJobResult) -> LearningResult:
     return LearningResult(r.job_id, tokens, artifacts, bundle)
 
 
+def class_images(c: learner_pb2.ClassImageStatus) -> ClassImages:
+    return ClassImages(c.count, c.ready, c.to_generate, c.source, c.inference_steps,
+                       c.seconds_each if c.HasField("seconds_each") else None)
+
+
+def plan_request(job: learner_pb2.CreateLearningJobRequest) -> learner_pb2.PlanLearningJobRequest:
+    return learner_pb2.PlanLearningJobRequest(job=job)
+
+
+def job_plan(r: learner_pb2.PlanLearningJobResponse) -> JobPlan:
+    return JobPlan(
+        total_steps=r.total_steps,
+        class_images=class_images(r.class_image_status) if r.HasField("class_image_status") else None,
+        class_images_seconds=r.class_images_seconds if r.HasField("class_images_seconds") else None,
+        training_seconds=r.training_seconds if r.HasField("training_seconds") else None,
+        memory_estimate_bytes=r.memory_estimate_bytes if r.HasField("memory_estimate_bytes") else None,
+        jobs_ahead=r.jobs_ahead,
+    )
+
+
 def progress(m: learner_pb2.LearningJobMetadata, done: bool = False, error=None, response=None) -> JobProgress:
     return JobProgress(
         job_id=m.job_id,
@@ -178,6 +200,7 @@ def progress(m: learner_pb2.LearningJobMetadata, done: bool = False, error=None,
         error_code=code_name(error.code) if error is not None else None,
         error_message=error.message if error is not None else None,
         result=learning_result(response) if response is not None else None,
+        class_images=class_images(m.class_image_status) if m.HasField("class_image_status") else None,
     )
 
 

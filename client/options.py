@@ -7,11 +7,21 @@ the .proto) applies. Ranges are checked by the server, which names the field at 
 from __future__ import annotations
 
 import io
+import math
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
 DEFAULT_ANCHORS = ("texture", "material", "color")
+# `few_class_images` / `--few-class-images`: one class image for every ten training steps instead of one per step
+FEW_CLASS_IMAGES_PER_STEP = 0.1
+
+
+def few_class_images(total_steps: int, per_step: float = FEW_CLASS_IMAGES_PER_STEP) -> int:
+    """The class-image count of the quick choice: `per_step` of a job's steps, at least one. A job uses at most
+    one class image per step (step n takes image n mod count), so this makes its preparation `per_step` as long;
+    the prior-preservation loss then sees each image about 1/per_step times."""
+    return max(1, math.ceil(total_steps * per_step))
 
 
 @dataclass(frozen=True)
@@ -80,6 +90,7 @@ class ExtractOptions:
     composition: bool = True  # also render all concepts together, for SIM^C
     encoders: tuple[str, ...] = ()  # empty = every encoder of the bundle
     evaluate: bool = True
+    few_class_images: bool = False  # the schedule's class images scaled to the job (`few_class_images`)
 
 
 def image_bytes(image: Any) -> bytes:

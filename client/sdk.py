@@ -20,10 +20,12 @@ from typing import Any
 import grpc
 from google.longrunning import operations_pb2
 
+from client import compose as C
 from client import messages as M
 from client import tracing
 from client.channel import open_channel
-from client.core import ClientCore, JobWatch
+from client.compose import LibraryConcept
+from client.core import ClientCore, JobWatch, scaled_schedule
 from client.errors import ServiceError
 from client.longcalls import evaluate_timeout, localize_timeout
 from client.messages import (  # noqa: F401  (re-exported: the names this module always had)
@@ -43,6 +45,7 @@ from client.types import (
     Extraction,
     GeneratedImage,
     Job,
+    JobPlan,
     JobProgress,
     LearningResult,
     LocalizeResult,
@@ -146,6 +149,23 @@ class IceClient(ClientCore):
         self._remember(op.name, metadata)
         return Job(op.name, metadata.replica_address)
 
+    def plan_job(self, image: Any, concepts: Sequence[Concept] | Sequence[tuple[str, Any]], **options) -> JobPlan:
+        """What `create_job` with the same arguments (`anchors`, `schedule`, `ablation`, ... as keywords) would do
+        on the learner, without queuing anything: its steps, its class images (how many it uses, how many must be
+        generated first and what that costs there), its memory estimate (PlanLearningJob). Refused exactly as
+        `create_job` would be."""
+        request = learning_request(image, concepts, **options)
+        return M.job_plan(self._call("learner", LEARNER, "PlanLearningJob", M.plan_request(request)))
+
+    def plan_or_none(self, *args, **kwargs) -> JobPlan | None:
+        """`plan_job`, or None from a learner too old to plan (UNIMPLEMENTED)."""
+        try:
+            return self.plan_job(*args, **kwargs)
+        except ServiceError as exc:
+            if exc.code == grpc.StatusCode.UNIMPLEMENTED:
+                return None
+            raise
+
     def job(self, job: Job | str) -> JobProgress:
         """The job's current progress (google.longrunning GetOperation)."""
         job, channel, address = self._job_route(job)
@@ -212,9 +232,13 @@ class IceClient(ClientCore):
         """Download the job's artifact files into `out_dir` (checked against their sha256, written atomically)."""
         job, channel, address = self._job_route(job)
         request = learner_pb2.GetArtifactsRequest(name=job.name, files=list(files))
+        return self._download(out_dir, "GetArtifacts", request, channel, address)
+
+    def _download(self, out_dir: str | Path, method: str, request, channel=None, address=None) -> list[Path]:
+        """The files a GetArtifacts-shaped stream sends, written into `out_dir` (checked, atomically)."""
         writer = M.ArtifactWriter(out_dir, self.targets["learner"])
         try:
-            for chunk in self._stream("learner", LEARNER, "GetArtifacts", request, None, channel, address):
+            for chunk in self._stream("learner", LEARNER, method, request, None, channel, address):
                 writer.add(chunk)
         finally:
             writer.close()
@@ -286,7 +310,16 @@ class IceClient(ClientCore):
     # --- the whole pipeline --------------------------------------------------------------------------------
     def learn(self, image: bytes, concepts: Sequence[Concept], options: ExtractOptions,
               progress: bool | Callable[[JobProgress], None], on_job: Callable[[str], None]) -> LearningResult:
-        job = self.create_job(image, concepts, anchors=options.anchors, schedule=options.schedule, seed=options.seed)
+        schedule = options.schedule
+        if self._planning(options):  # the plan first: scaled with few_class_images, then told to on_plan
+            plan = self.plan_or_none(image, concepts, anchors=options.anchors, schedule=schedule, seed=options.seed)
+            if options.few_class_images:
+                schedule = scaled_schedule(options.schedule, plan)
+                plan = plan and self.plan_or_none(image, concepts, anchors=options.anchors, schedule=schedule,
+                                                  seed=options.seed)
+            if plan is not None and self.on_plan is not None:
+                self.on_plan(plan)
+        job = self.create_job(image, concepts, anchors=options.anchors, schedule=schedule, seed=options.seed)
         on_job(job.name)
         return self.wait(job, progress=progress)
 
@@ -313,3 +346,79 @@ class IceClient(ClientCore):
     def cancel_job(self, job_id: str) -> None:
         self.cancel(job_id)
 
+
+    # --- the concept library and composition (client/compose.py) ----------------------------------------------
+    def concepts(self, filter: str = "", *, parent: str = "", full: bool = False,
+                 page_size: int = 100) -> list[LibraryConcept]:
+        """Every concept of the learner's library (ListConcepts, all pages): the concepts of every succeeded job
+        of the fleet, oldest job first. `filter`: AIP-160 (`client.compose.filter_text` builds one); `parent`:
+        "operations/ID" for one job's; `full`: with masks and source crops."""
+        out, token = [], ""
+        while True:
+            request = learner_pb2.ListConceptsRequest(parent=parent, page_size=page_size, page_token=token,
+                                                      filter=filter, view=C.view(full))
+            r = self._call("learner", LEARNER, "ListConcepts", request)
+            out += [C.library_concept(c) for c in r.concepts]
+            token = r.next_page_token
+            if not token:
+                return out
+
+    def concept(self, name: str, full: bool = True, aliases: dict[str, str] | None = None) -> LibraryConcept:
+        """One concept by its resource name (or a token's), or as `JOB:CONCEPT` (GetConcept)."""
+        if not name.startswith("operations/"):
+            resolved, _ = self._resolved([C.parse_readable(C.braced(name))], aliases or {})
+            name = C.single_ref(resolved[0], name).name
+        request = learner_pb2.GetConceptRequest(name=name, view=C.view(full))
+        return C.library_concept(self._call("learner", LEARNER, "GetConcept", request).concept)
+
+    def _resolved(self, parsed: list[list], aliases: dict[str, str], jobs: Sequence[str | None] = ()):
+        """(parsed prompts with their references resolved, the library concepts looked at)."""
+        wanted = C.listing(parsed, aliases, list(jobs))
+        known = self.concepts() if wanted is None else [
+            c for j in wanted for c in self.concepts(parent=f"operations/{j}")]
+        return [C.resolve(p, known, aliases) for p in parsed], known
+
+    def _composition(self, prompts, delta, delta_job, options, aliases):
+        prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+        parsed, known = self._resolved([C.parse_readable(p) for p in prompts], aliases or {}, [delta_job])
+        wire = [C.wire_prompt(p) for p in parsed]
+        request = C.composition_request(wire, delta, C.resolve_job(delta_job, known, aliases or {}), options)
+        return request, dict(zip(wire, prompts, strict=True)), parsed
+
+    def iter_compose(self, prompts: str | Sequence[str], *, delta: str = "tokens_only", delta_job: str | None = None,
+                     options: GenerateOptions | None = None,
+                     aliases: dict[str, str] | None = None) -> Iterator[C.ComposedImage]:
+        """Images from prompts mixing the tokens of several jobs, as the server streams them (GenerateComposition).
+        Prompts in the readable syntax, "a photo of {3f9a:c0} in {b07c:c1.color} color" (client/compose.py);
+        `delta`: "tokens_only", "one_job" (`delta_job`'s delta) or "merged_lora"."""
+        request, readable, _ = self._composition(prompts, delta, delta_job, options, aliases)
+        for r in self._stream("learner", LEARNER, "GenerateComposition", request):
+            yield C.composed_image(r, readable)
+
+    def compose(self, prompts: str | Sequence[str], *, delta: str = "tokens_only", delta_job: str | None = None,
+                options: GenerateOptions | None = None, aliases: dict[str, str] | None = None,
+                out_dir: str | Path | None = None) -> C.Composition:
+        """`iter_compose`, collected with the concepts it used (their source crops); with `out_dir`, its report
+        (`composition.html`: each prompt's source crops beside its images)."""
+        request, readable, parsed = self._composition(prompts, delta, delta_job, options, aliases)
+        images = [C.composed_image(r, readable)
+                  for r in self._stream("learner", LEARNER, "GenerateComposition", request)]
+        concepts = [self.concept(n) for n in C.referenced_concepts(parsed)]
+        result = C.Composition(list(readable.values()), list(request.prompts), delta, request.delta_job, images,
+                               concepts)
+        if out_dir is not None:
+            C.write_composition(result, Path(out_dir))
+        return result
+
+    def export_concepts(self, refs: Sequence[str], out_dir: str | Path, *, delta: str = "tokens_only",
+                        delta_job: str | None = None, prompt: str = "", options: GenerateOptions | None = None,
+                        aliases: dict[str, str] | None = None) -> list[Path]:
+        """Write a folder plain diffusers loads (ExportConcepts): each token's `learned_embeds.safetensors`, the
+        delta, `concepts.json`, and `compose_example.py` rendering `prompt` (readable syntax). `refs`: `JOB:C`
+        (a concept: all its tokens) or `JOB:C.ATTRIBUTE`, or resource names."""
+        parsed = [C.parse_readable(C.braced(r)) for r in refs] + ([C.parse_readable(prompt)] if prompt else [])
+        resolved, known = self._resolved(parsed, aliases or {}, [delta_job])
+        names = [C.single_ref(p, r).name for p, r in zip(resolved, refs, strict=False)]
+        request = C.export_request(names, delta, C.resolve_job(delta_job, known, aliases or {}),
+                                   C.wire_prompt(resolved[-1]) if prompt else "", options)
+        return self._download(out_dir, "ExportConcepts", request)

@@ -138,6 +138,65 @@ class LearningResult(_Jsonable):
 
 
 @dataclass
+class ClassImages(_Jsonable):
+    """A job's class images for prior preservation: it uses `count`; `ready` exist now; it had to generate
+    `to_generate` (a plan: has to); `seconds_per_image` as this learner measured it (None: not yet)."""
+
+    count: int
+    ready: int
+    to_generate: int
+    source: str  # bundle | cache | bundle+cache
+    inference_steps: int
+    seconds_per_image: float | None = None
+
+    @property
+    def preparing(self) -> bool:
+        """Some are still being made."""
+        return self.ready < self.count
+
+
+@dataclass
+class JobPlan(_Jsonable):
+    """What a learning job would do on a learner, were it created now (`IceClient.plan_job`)."""
+
+    total_steps: int
+    class_images: ClassImages | None
+    class_images_seconds: float | None  # to generate the missing ones (None: not measured on this learner yet)
+    training_seconds: float | None  # at this learner's step time (None: not timed yet)
+    memory_estimate_bytes: int | None
+    jobs_ahead: int
+
+    def line(self) -> str:
+        """One human line, e.g. "25 class images to generate (of 25 used; about 12 min at 29 s each on this
+        learner), then 25 steps (about 6 s)"."""
+        c = self.class_images
+        if c is None:
+            text = "no class images (prior preservation off)"
+        elif not c.to_generate:
+            text = f"{c.count} class images, all {'in the bundle' if c.source == 'bundle' else 'ready'}"
+        else:
+            text = f"{c.to_generate} class images to generate ({c.count} used, {c.inference_steps} denoising steps each; "
+            if self.class_images_seconds is not None and c.seconds_per_image is not None:
+                text += f"about {_duration(self.class_images_seconds)} at {c.seconds_per_image:.1f} s each on this learner)"
+            else:
+                text += "not timed on this learner yet)"
+        text += f", then {self.total_steps} steps"
+        if self.training_seconds is not None:
+            text += f" (about {_duration(self.training_seconds)})"
+        if self.jobs_ahead:
+            text += f"; {self.jobs_ahead} job(s) ahead"
+        return text
+
+
+def _duration(seconds: float) -> str:
+    if seconds < 90:
+        return f"{seconds:.0f} s"
+    if seconds < 5400:
+        return f"{seconds / 60:.0f} min"
+    return f"{seconds / 3600:.1f} h"
+
+
+@dataclass
 class JobProgress(_Jsonable):
     job_id: str
     state: str  # QUEUED | RUNNING | SUCCEEDED | FAILED | CANCELLED
@@ -153,12 +212,18 @@ class JobProgress(_Jsonable):
     error_code: str | None = None  # set when done and not succeeded
     error_message: str | None = None
     result: LearningResult | None = None
+    class_images: ClassImages | None = None
 
     def line(self) -> str:
-        """One human line, e.g. "RUNNING OBJECT_LEVEL 12/30 (40%) loss 0.123 eta 14s"."""
+        """One human line, e.g. "RUNNING OBJECT_LEVEL 12/30 (40%) loss 0.123 eta 14s", or while it makes its
+        class images "RUNNING PREPARING class images 8/25"."""
         if self.state == "QUEUED":
             return f"QUEUED (position {self.queue_position})"
-        text = f"{self.state} {self.phase} {self.step}/{self.total_steps} ({self.percent:.0f}%)"
+        c = self.class_images
+        if self.state == "RUNNING" and self.phase == "PREPARING" and c is not None and c.preparing:
+            text = f"{self.state} {self.phase} class images {c.ready}/{c.count}"
+        else:
+            text = f"{self.state} {self.phase} {self.step}/{self.total_steps} ({self.percent:.0f}%)"
         if "total" in self.losses:
             text += f" loss {self.losses['total']:.4g}"
         if self.eta_seconds is not None:

@@ -45,8 +45,19 @@ from services.common.service import (
 from services.common.settings import LearnerSettings
 from services.common.tracing import tracer
 from services.learner import generate as G
+from services.learner import library_rpc
 from services.learner.artifacts import ArtifactFile, read_manifest
-from services.learner.jobs import CANCELLED, FAILED, QUEUED, SUCCEEDED, JobManager, JobRecord, artifact_files
+from services.learner.jobs import (
+    CANCELLED,
+    FAILED,
+    QUEUED,
+    SUCCEEDED,
+    JobManager,
+    JobRecord,
+    artifact_files,
+    class_images_info,
+)
+from services.learner.library import Library, Publisher
 from services.learner.memory import MemoryEstimate, MemoryEstimator, gib, memory_for_jobs
 from services.learner.tokens import DEFAULT_ANCHORS, by_concept
 from services.learner.trainer import (
@@ -225,7 +236,18 @@ def job_metadata(manager: JobManager, r: JobRecord) -> learner_pb2.LearningJobMe
         md.eta_seconds = eta
     if r.memory_estimate:
         md.memory_estimate_bytes = r.memory_estimate
+    if r.class_images is not None:
+        md.class_image_status.CopyFrom(class_images_message(manager, r.class_images))
     return md
+
+
+def class_images_message(manager: JobManager, info: dict) -> learner_pb2.ClassImageStatus:
+    msg = learner_pb2.ClassImageStatus(count=info["count"], ready=info["ready"], to_generate=info["to_generate"],
+                                  source=info["source"], inference_steps=info["steps"])
+    seconds = manager.seconds_per_class_image()
+    if seconds is not None:
+        msg.seconds_each = seconds
+    return msg
 
 
 def job_result(r: JobRecord, bundle_info) -> learner_pb2.LearningJobResult:
@@ -289,18 +311,22 @@ class LearnerState:
     memory_limit: int = -1  # bytes a job may need; -1 = no limit
     memory_limit_source: str = ""
     generation: GenerationPipeline = field(default_factory=GenerationPipeline)
+    warming: threading.Thread | None = None  # the start-up memory trace
+    library: Library | None = None  # the concept library (services/learner/library.py)
+    publisher: Publisher | None = None
 
-    def check_memory(self, spec: LearningSpec) -> MemoryEstimate | None:
-        """The job's memory estimate; RESOURCE_EXHAUSTED with the figures when it exceeds the limit."""
+    def check_memory(self, spec: LearningSpec, generates_class_images: bool = True) -> MemoryEstimate | None:
+        """The job's memory estimate; RESOURCE_EXHAUSTED with the figures when it exceeds the limit.
+        `generates_class_images`: some of its class images are neither carried by the bundle nor cached."""
         if self.estimator is None:
             return None
-        estimate = self.estimator.estimate_spec(spec)
+        estimate = self.estimator.estimate_spec(spec, generates_class_images)
         if 0 <= self.memory_limit < estimate.total:
             message = (f"this job needs about {estimate.describe()} at its peak; a job may use at most "
                        f"{gib(self.memory_limit)} on this learner ({self.memory_limit_source})")
             field_name = None
             if spec.refinement == "full" and spec.schedule.refinement_steps > 0:
-                lora = self.estimator.estimate_spec(replace(spec, refinement="lora"))
+                lora = self.estimator.estimate_spec(replace(spec, refinement="lora"), generates_class_images)
                 message += f"; with REFINEMENT_DELTA_LORA it would need about {gib(lora.total)}"
                 field_name = "refinement_delta"
             raise ResourceExhausted(message, field=field_name)
@@ -332,12 +358,36 @@ class LearnerServicer(learner_pb2_grpc.LearnerServiceServicer):
     def CreateLearningJob(self, request, context):
         s = self.state
         spec = parse_request(request, s.bundle, s.settings)
-        estimate = s.check_memory(spec)
+        plan = s.manager.class_image_plan(spec)
+        estimate = s.check_memory(spec, plan is not None and plan.to_generate > 0)
         record = s.manager.submit(spec, request.request_id, request_digest(request),
-                                  memory_estimate=estimate.total if estimate else 0)
+                                  memory_estimate=estimate.total if estimate else 0,
+                                  source_sha256=hashlib.sha256(request.image).hexdigest())
         if estimate is not None and record.memory_estimate == estimate.total:
             log.info("job %s: estimated peak memory %s", record.id, estimate.describe())
         return s.operation(record)
+
+    def PlanLearningJob(self, request, context):
+        s = self.state
+        spec = parse_request(request.job, s.bundle, s.settings)
+        plan = s.manager.class_image_plan(spec)
+        generates = plan is not None and plan.to_generate > 0
+        estimate = s.check_memory(spec, generates)
+        response = learner_pb2.PlanLearningJobResponse(total_steps=spec.schedule.total_steps,
+                                                       jobs_ahead=s.manager.active_jobs())
+        per_image = s.manager.seconds_per_class_image()
+        if plan is not None:
+            response.class_image_status.CopyFrom(class_images_message(s.manager, class_images_info(plan)))
+            if not generates:
+                response.class_images_seconds = 0.0
+            elif per_image is not None:
+                response.class_images_seconds = plan.to_generate * per_image
+        step = s.manager.step_seconds()
+        if step is not None:
+            response.training_seconds = spec.schedule.total_steps * step
+        if estimate is not None:
+            response.memory_estimate_bytes = estimate.total
+        return response
 
     def WatchLearningJob(self, request, context):
         s = self.state
@@ -362,16 +412,15 @@ class LearnerServicer(learner_pb2_grpc.LearnerServiceServicer):
         return iter_with_context_check(self._chunks(folder, [files[n] for n in names]), context)
 
     @staticmethod
-    def _chunks(folder, files: list[ArtifactFile]):
+    def _chunks(folder, files: list[ArtifactFile], message=learner_pb2.GetArtifactsResponse):
         for f in files:
             with open(folder / f.name, "rb") as fh:
                 offset = 0
                 while True:
                     chunk = fh.read(CHUNK)
                     last = offset + len(chunk) >= f.size_bytes
-                    yield learner_pb2.GetArtifactsResponse(file_name=f.name, offset=offset, chunk=chunk,
-                                                           last_chunk=last, sha256=f.sha256 if last else "",
-                                                           size_bytes=f.size_bytes)
+                    yield message(file_name=f.name, offset=offset, chunk=chunk, last_chunk=last,
+                                  sha256=f.sha256 if last else "", size_bytes=f.size_bytes)
                     offset += len(chunk)
                     if last:
                         break
@@ -393,15 +442,7 @@ class LearnerServicer(learner_pb2_grpc.LearnerServiceServicer):
             raise InvalidArgument("must be empty unless kind is PROMPT_KIND_FREE", field="prompts")
         if len(request.prompts) > 16:
             raise InvalidArgument("at most 16 prompts", field="prompts")
-        d = G.generation_defaults(s.bundle)
-        num_images = request.num_images if request.HasField("num_images") else d.num_images
-        steps = request.num_inference_steps if request.HasField("num_inference_steps") else d.num_inference_steps
-        guidance = request.guidance_scale if request.HasField("guidance_scale") else d.guidance_scale
-        for value, low, high, name in ((num_images, 1, 64, "num_images"), (steps, 1, 200, "num_inference_steps"),
-                                       (guidance, 0, 50, "guidance_scale")):
-            if not low <= value <= high:
-                raise InvalidArgument(f"{value} is outside [{low}, {high}]", field=name)
-        seed = request.seed if request.HasField("seed") else secrets.randbits(63)
+        num_images, steps, guidance, seed = G.request_options(s.bundle, request)
         token_ids = {t["concept_id"] for t in r.result["tokens"]}
         concept_ids = list(request.concept_ids) or list(dict.fromkeys(t["concept_id"] for t in r.result["tokens"]))
         for cid in concept_ids:
@@ -437,6 +478,18 @@ class LearnerServicer(learner_pb2_grpc.LearnerServiceServicer):
         s = self.state
         return learner_pb2.GetServerInfoResponse(info=server_info(SERVICE, s.bundle, s.settings, s.device, s.precision))
 
+    def ListConcepts(self, request, context):
+        return library_rpc.list_concepts(self.state, request)
+
+    def GetConcept(self, request, context):
+        return library_rpc.get_concept(self.state, request)
+
+    def GenerateComposition(self, request, context):
+        return library_rpc.generate_composition(self.state, request, context)
+
+    def ExportConcepts(self, request, context):
+        return library_rpc.export_concepts(self.state, request, context, self._chunks)
+
 
 class OperationsServicer(operations_pb2_grpc.OperationsServicer):
     """The standard long-running operations API over the learner's jobs."""
@@ -470,7 +523,10 @@ class OperationsServicer(operations_pb2_grpc.OperationsServicer):
         return empty_pb2.Empty()
 
     def DeleteOperation(self, request, context):
-        self.state.manager.delete(job_id_from_name(request.name))
+        job_id = job_id_from_name(request.name)
+        self.state.manager.get(job_id)  # NOT_FOUND before the library is touched: another replica's job stays
+        # its concepts leave the library first; nothing is deleted when the library cannot be written
+        self.state.publisher.delete(job_id, lambda: self.state.manager.delete(job_id))
         return empty_pb2.Empty()
 
     def WaitOperation(self, request, context):
@@ -521,7 +577,14 @@ def build_spec(settings: LearnerSettings) -> ServiceSpec:
                                 class_image_steps=settings.class_image_steps, resume_jobs=settings.resume_jobs,
                                 advertise_address=settings.advertise_address, max_crashes=settings.max_job_crashes,
                                 gradient_checkpointing=settings.gradient_checkpointing,
-                                adam_8bit=settings.adam_8bit, before_job=state.generation.release)
+                                adam_8bit=settings.adam_8bit, before_job=state.generation.release,
+                                on_succeeded=lambda r: state.publisher.publish(r.id, state.manager.job_dir(r.id),
+                                                                               r.create_time))
+        store = Path(settings.job_store)
+        state.library = Library(settings.concept_library or store / "library", store / "library-cache")
+        state.publisher = Publisher(state.library, lambda: [
+            (r.id, state.manager.job_dir(r.id), r.create_time) for r in state.manager.list() if r.state == SUCCEEDED],
+            settings.advertise_address)
         state.estimator = MemoryEstimator(state.bundle, state.device,
                                           gradient_checkpointing=settings.gradient_checkpointing,
                                           adam_8bit=settings.adam_8bit,
@@ -533,12 +596,19 @@ def build_spec(settings: LearnerSettings) -> ServiceSpec:
         log.info("learner: a job may use %s (%s)", gib(state.memory_limit) if state.memory_limit >= 0 else "any memory",
                  state.memory_limit_source or "--max-job-memory-bytes -1")
         # trace the default job's memory now, so the first CreateLearningJob does not wait for it
-        threading.Thread(target=_warm_estimator, args=(state.estimator,), name="memory-trace", daemon=True).start()
+        state.warming = threading.Thread(target=_warm_estimator, args=(state.estimator,), name="memory-trace",
+                                         daemon=True)
+        state.warming.start()
         state.manager.start()
+        state.publisher.start()
 
     def on_shutdown() -> None:
-        if state.manager is not None:
-            state.manager.close()
+        if state.publisher is not None:
+            state.publisher.stop()
+        if state.manager is not None:  # the running job stops at its next step or denoising step
+            state.manager.close(settings.grace_seconds)
+        if state.warming is not None:  # a trace in progress ends in seconds: never exit under it (see close)
+            state.warming.join()
 
     return ServiceSpec(name="learner", service_names=[SERVICE, OPERATIONS], register=register, load=load,
                        on_shutdown=on_shutdown, version=server_version(),

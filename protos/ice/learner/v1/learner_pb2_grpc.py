@@ -42,6 +42,11 @@ class LearnerServiceStub:
                 request_serializer=ice_dot_learner_dot_v1_dot_learner__pb2.CreateLearningJobRequest.SerializeToString,
                 response_deserializer=google_dot_longrunning_dot_operations__pb2.Operation.FromString,
                 _registered_method=True)
+        self.PlanLearningJob = channel.unary_unary(
+                '/ice.learner.v1.LearnerService/PlanLearningJob',
+                request_serializer=ice_dot_learner_dot_v1_dot_learner__pb2.PlanLearningJobRequest.SerializeToString,
+                response_deserializer=ice_dot_learner_dot_v1_dot_learner__pb2.PlanLearningJobResponse.FromString,
+                _registered_method=True)
         self.WatchLearningJob = channel.unary_stream(
                 '/ice.learner.v1.LearnerService/WatchLearningJob',
                 request_serializer=ice_dot_learner_dot_v1_dot_learner__pb2.WatchLearningJobRequest.SerializeToString,
@@ -62,6 +67,26 @@ class LearnerServiceStub:
                 request_serializer=ice_dot_learner_dot_v1_dot_learner__pb2.GetServerInfoRequest.SerializeToString,
                 response_deserializer=ice_dot_learner_dot_v1_dot_learner__pb2.GetServerInfoResponse.FromString,
                 _registered_method=True)
+        self.ListConcepts = channel.unary_unary(
+                '/ice.learner.v1.LearnerService/ListConcepts',
+                request_serializer=ice_dot_learner_dot_v1_dot_learner__pb2.ListConceptsRequest.SerializeToString,
+                response_deserializer=ice_dot_learner_dot_v1_dot_learner__pb2.ListConceptsResponse.FromString,
+                _registered_method=True)
+        self.GetConcept = channel.unary_unary(
+                '/ice.learner.v1.LearnerService/GetConcept',
+                request_serializer=ice_dot_learner_dot_v1_dot_learner__pb2.GetConceptRequest.SerializeToString,
+                response_deserializer=ice_dot_learner_dot_v1_dot_learner__pb2.GetConceptResponse.FromString,
+                _registered_method=True)
+        self.GenerateComposition = channel.unary_stream(
+                '/ice.learner.v1.LearnerService/GenerateComposition',
+                request_serializer=ice_dot_learner_dot_v1_dot_learner__pb2.GenerateCompositionRequest.SerializeToString,
+                response_deserializer=ice_dot_learner_dot_v1_dot_learner__pb2.GenerateCompositionResponse.FromString,
+                _registered_method=True)
+        self.ExportConcepts = channel.unary_stream(
+                '/ice.learner.v1.LearnerService/ExportConcepts',
+                request_serializer=ice_dot_learner_dot_v1_dot_learner__pb2.ExportConceptsRequest.SerializeToString,
+                response_deserializer=ice_dot_learner_dot_v1_dot_learner__pb2.ExportConceptsResponse.FromString,
+                _registered_method=True)
 
 
 class LearnerServiceServicer:
@@ -72,6 +97,16 @@ class LearnerServiceServicer:
     def CreateLearningJob(self, request, context):
         """Queues a learning job and returns its operation at once (not done). With a `request_id` already seen,
         returns the first request's operation instead of queuing a second job.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def PlanLearningJob(self, request, context):
+        """Checks a job's request as CreateLearningJob does (the same errors) and says what the job would do, without
+        queuing anything: its steps, the class images it uses and how many of them this learner must generate
+        first (with the time that takes, once the learner has measured it), its memory estimate, and the work
+        queued ahead of it.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -108,6 +143,42 @@ class LearnerServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ListConcepts(self, request, context):
+        """Lists the concept library: the concepts of every succeeded job of the fleet (AIP-132 paging and an AIP-160
+        filter). The library lives where every learner replica of a deployment reads it (`--concept-library`), so
+        any replica lists the concepts of every replica's jobs, and keeps them after the replica that learned them
+        is gone. Ordered by the job's creation time, then the concept's order in its job.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetConcept(self, request, context):
+        """Looks up one concept of the library by its resource name, or one of its tokens.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GenerateComposition(self, request, context):
+        """Generates images from prompts that mix the tokens of several jobs of the library (of this server's bundle),
+        on the base UNet alone, one job's refinement delta, or the jobs' LoRA deltas merged; streams each image as
+        soon as it is made. Every token of a referenced job is loaded under a name of its own, so that the tokens
+        of different jobs (all of which are called "<&0>" in their own job) never clash.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ExportConcepts(self, request, context):
+        """Streams a folder that plain diffusers loads: one `learned_embeds.safetensors` per exported token (for
+        `pipe.load_textual_inversion`), the refinement delta the composition applies, `concepts.json` and a
+        ten-line example, `compose_example.py`, that renders a composed prompt. In chunks, as `GetArtifacts`.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_LearnerServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -115,6 +186,11 @@ def add_LearnerServiceServicer_to_server(servicer, server):
                     servicer.CreateLearningJob,
                     request_deserializer=ice_dot_learner_dot_v1_dot_learner__pb2.CreateLearningJobRequest.FromString,
                     response_serializer=google_dot_longrunning_dot_operations__pb2.Operation.SerializeToString,
+            ),
+            'PlanLearningJob': grpc.unary_unary_rpc_method_handler(
+                    servicer.PlanLearningJob,
+                    request_deserializer=ice_dot_learner_dot_v1_dot_learner__pb2.PlanLearningJobRequest.FromString,
+                    response_serializer=ice_dot_learner_dot_v1_dot_learner__pb2.PlanLearningJobResponse.SerializeToString,
             ),
             'WatchLearningJob': grpc.unary_stream_rpc_method_handler(
                     servicer.WatchLearningJob,
@@ -135,6 +211,26 @@ def add_LearnerServiceServicer_to_server(servicer, server):
                     servicer.GetServerInfo,
                     request_deserializer=ice_dot_learner_dot_v1_dot_learner__pb2.GetServerInfoRequest.FromString,
                     response_serializer=ice_dot_learner_dot_v1_dot_learner__pb2.GetServerInfoResponse.SerializeToString,
+            ),
+            'ListConcepts': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListConcepts,
+                    request_deserializer=ice_dot_learner_dot_v1_dot_learner__pb2.ListConceptsRequest.FromString,
+                    response_serializer=ice_dot_learner_dot_v1_dot_learner__pb2.ListConceptsResponse.SerializeToString,
+            ),
+            'GetConcept': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetConcept,
+                    request_deserializer=ice_dot_learner_dot_v1_dot_learner__pb2.GetConceptRequest.FromString,
+                    response_serializer=ice_dot_learner_dot_v1_dot_learner__pb2.GetConceptResponse.SerializeToString,
+            ),
+            'GenerateComposition': grpc.unary_stream_rpc_method_handler(
+                    servicer.GenerateComposition,
+                    request_deserializer=ice_dot_learner_dot_v1_dot_learner__pb2.GenerateCompositionRequest.FromString,
+                    response_serializer=ice_dot_learner_dot_v1_dot_learner__pb2.GenerateCompositionResponse.SerializeToString,
+            ),
+            'ExportConcepts': grpc.unary_stream_rpc_method_handler(
+                    servicer.ExportConcepts,
+                    request_deserializer=ice_dot_learner_dot_v1_dot_learner__pb2.ExportConceptsRequest.FromString,
+                    response_serializer=ice_dot_learner_dot_v1_dot_learner__pb2.ExportConceptsResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -166,6 +262,33 @@ class LearnerService:
             '/ice.learner.v1.LearnerService/CreateLearningJob',
             ice_dot_learner_dot_v1_dot_learner__pb2.CreateLearningJobRequest.SerializeToString,
             google_dot_longrunning_dot_operations__pb2.Operation.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def PlanLearningJob(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/ice.learner.v1.LearnerService/PlanLearningJob',
+            ice_dot_learner_dot_v1_dot_learner__pb2.PlanLearningJobRequest.SerializeToString,
+            ice_dot_learner_dot_v1_dot_learner__pb2.PlanLearningJobResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -274,6 +397,114 @@ class LearnerService:
             '/ice.learner.v1.LearnerService/GetServerInfo',
             ice_dot_learner_dot_v1_dot_learner__pb2.GetServerInfoRequest.SerializeToString,
             ice_dot_learner_dot_v1_dot_learner__pb2.GetServerInfoResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListConcepts(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/ice.learner.v1.LearnerService/ListConcepts',
+            ice_dot_learner_dot_v1_dot_learner__pb2.ListConceptsRequest.SerializeToString,
+            ice_dot_learner_dot_v1_dot_learner__pb2.ListConceptsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetConcept(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/ice.learner.v1.LearnerService/GetConcept',
+            ice_dot_learner_dot_v1_dot_learner__pb2.GetConceptRequest.SerializeToString,
+            ice_dot_learner_dot_v1_dot_learner__pb2.GetConceptResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GenerateComposition(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/ice.learner.v1.LearnerService/GenerateComposition',
+            ice_dot_learner_dot_v1_dot_learner__pb2.GenerateCompositionRequest.SerializeToString,
+            ice_dot_learner_dot_v1_dot_learner__pb2.GenerateCompositionResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ExportConcepts(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/ice.learner.v1.LearnerService/ExportConcepts',
+            ice_dot_learner_dot_v1_dot_learner__pb2.ExportConceptsRequest.SerializeToString,
+            ice_dot_learner_dot_v1_dot_learner__pb2.ExportConceptsResponse.FromString,
             options,
             channel_credentials,
             insecure,
