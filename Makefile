@@ -66,7 +66,7 @@ toy-train: $(STAMPS)/install  ## train the ToyWorld models, assemble toyworld/bu
 toy-eval: $(STAMPS)/install  ## measure the ToyWorld bundle: generation, CLIP, stage 1 -> bench/results/toyworld.json
 	$(PY) -m toyworld.evaluate
 
-quality: $(STAMPS)/install  ## ICE's claims and ablations on ToyWorld, through the services (about an hour; --quick: minutes)
+quality: $(STAMPS)/install  ## ICE, its ablations and two peer baselines on ToyWorld, through the services (hours, resumable; --quick: a smoke run)
 	$(PY) bench/quality.py $(QUALITY_ARGS)
 
 # the report tests render HTML in headless Chromium (Debian's package)
