@@ -1,5 +1,5 @@
-"""Composition across jobs (docs/learner.md#composition): prompts that mix the tokens of several jobs of the concept
-library, on the base UNet, one job's refinement delta, or the jobs' LoRA deltas merged; and the export of a set of
+"""Composition across jobs (docs/learner.md#composition-generatecomposition): prompts that mix the tokens of
+several jobs of the concept library, on the base UNet, one job's refinement delta, or the jobs' LoRA deltas merged; and the export of a set of
 concepts as a folder plain diffusers loads.
 
 Every token of a job is loaded under a name of its own, `<&0>` of job J as `<&0@J>` (`renamed`): in its own job
