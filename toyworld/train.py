@@ -47,6 +47,7 @@ ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_WORK = ROOT / "build" / "toyworld"
 DEFAULT_BUNDLE = ROOT / "toyworld" / "bundle"
 STAGES = ("vae", "clip", "words", "retriever", "dino", "objects", "diffusion", "ground", "bundle")
+ALL = tuple(st for st in STAGES if st != "objects")  # "all": the committed bundle's stages (objects: not in it)
 
 
 @dataclass(frozen=True)
@@ -71,18 +72,19 @@ class Plan:
     diffusion_steps: int = 5000
     diffusion_batch: int = 32
     latent_pool: int = 40_000
-    ground_steps: int = 6000
+    ground_steps: int = 5000
     ground_batch: int = 16
     ground_lr: float = 1e-4
     ground_token_weight: float = 1.0
-    ground_pixel_weight: float = 0.1
+    ground_pixel_weight: float = 0.0
     ground_vote_share: float = 0.5
     ground_probe_every: int = 500
     ground_max_t: int = 1000  # the grounding loss on the samples noised below this timestep only
     ground_token_table: int = 0  # 1: train the text encoder's token table too (sparse), 0: keep it
-    ground_attributes: int = 1  # 1: colour and texture words grounded too; 0: category words, things, background
-    ground_layer_mean: int = 0  # 1: L_token averaged over the grounded layers; 0: summed
-    ground_clip: float = 1.0  # gradient-norm clip (0: none)
+    ground_attributes: int = 0  # 1: colour and texture words grounded too; 0: category words, things, background
+    ground_layer_mean: int = 1  # 1: L_token averaged over the grounded layers; 0: summed
+    ground_clip: float = 0.0  # gradient-norm clip (0: none)
+    ground_weights: str = "model"  # what the stage writes: "ema" (decay 0.999) or "model" (the trained weights)
     checkpoint_every: int = 100
 
 
@@ -774,9 +776,11 @@ def train_diffusion(work: Path, plan: Plan, dev: str) -> dict:
 
 def train_grounding(work: Path, plan: Plan, dev: str) -> dict:
     """The diffusion stage's model (its EMA weights) continued with the token-grounding loss of
-    toyworld/grounding.py beside the same v-prediction loss, on fresh scenes whose masks are known. A new EMA
-    (decay 0.999) of both models is what the bundle keeps; every `ground_probe_every` steps the binding figure is measured on
-    training scenes (never test scenes) and recorded."""
+    toyworld/grounding.py beside the same v-prediction loss, on fresh scenes whose masks are known. The stage
+    writes a new EMA (decay 0.999) of both models, or with `ground_weights` "model" the trained weights (an EMA
+    that started at the ungrounded model lags behind the binding a short run reaches); every
+    `ground_probe_every` steps the binding figure of both is measured on training scenes (never test scenes)
+    and recorded."""
     import copy
 
     from diffusers import AutoencoderKL, UNet2DConditionModel
@@ -878,8 +882,12 @@ def train_grounding(work: Path, plan: Plan, dev: str) -> dict:
                        "attribute_words": plan.ground_attributes, "layer_mean": plan.ground_layer_mean,
                        "clip": plan.ground_clip, "max_t": plan.ground_max_t})
     out = work / "diffusion-grounded"
-    save_pipeline(work, ema_unet, ema_te, tokenizer, scheduler, out)
-    record.update({"from": "the diffusion stage's EMA weights", "weights": "EMA (decay 0.999)",
+    if plan.ground_weights not in ("ema", "model"):
+        raise SystemExit(f"--ground-weights {plan.ground_weights}: ema or model")
+    keep = (ema_unet, ema_te) if plan.ground_weights == "ema" else (unet, text_encoder)
+    save_pipeline(work, *keep, tokenizer, scheduler, out)
+    record.update({"from": "the diffusion stage's EMA weights",
+                   "weights": "EMA (decay 0.999)" if plan.ground_weights == "ema" else "the trained weights (no EMA)",
                    "objective": "v-prediction (min-SNR-5) + token grounding (toyworld/grounding.py)",
                    "binding_on_training_scenes": history})
     return record
@@ -935,14 +943,19 @@ def build_bundle(work: Path, out: Path, plan: Plan, record: dict) -> dict:
            "--diffusion", str(work / ("diffusion-grounded" if (work / "diffusion-grounded").is_dir() else "diffusion")),
            "--open-clip-config", str(work / clip / "open_clip_config.json"),
            "--open-clip-weights", str(work / clip / "open_clip_model.safetensors"),
-           "--dino", str(work / ("dino-objects" if (work / "dino-objects").is_dir() else "dino")), "--vocab", str(vocab_tsv), "--image-mean-from", str(mean_dir),
-           "--name", "toyworld", "--version", "1", "--kind", "toyworld", "--precision", "float16", "--copy",
+           "--dino", str(work / ("dino-objects" if (work / "dino-objects").is_dir() else "dino")),
+           "--vocab", str(vocab_tsv), "--image-mean-from", str(mean_dir),
+           "--name", "toyworld", "--version", "2", "--kind", "toyworld", "--precision", "float16", "--copy",
            "--force"]
     say("assembling: " + " ".join(cmd[1:]))
     subprocess.run(cmd, cwd=ROOT, check=True)
     recommended = calibrate.calibrate_localizer(out, say)
     record["calibration"] = recommended.pop("_evidence", {})
     calibrate.write_recommended(out, recommended)
+    # the prior-preservation class images of its recommended schedule travel with the bundle, so that no learner
+    # generates them again (made as a learner would, hashed into the bundle)
+    subprocess.run([sys.executable, "-m", "services.common.bundle_cli", "class-images", str(out), "--force"],
+                   cwd=ROOT, check=True)
     subprocess.run([sys.executable, "-m", "services.common.bundle_cli", "verify", str(out)], cwd=ROOT, check=True)
     return record
 
@@ -964,7 +977,7 @@ def main(argv: list[str] | None = None) -> int:
     if a.threads:
         torch.set_num_threads(a.threads)
     plan = Plan(**{f: getattr(a, f) for f in Plan.__dataclass_fields__})
-    stages = STAGES if "all" in a.stages else tuple(a.stages)
+    stages = ALL if "all" in a.stages else tuple(a.stages)
     unknown = set(stages) - set(STAGES)
     if unknown:
         p.error(f"unknown stage(s) {sorted(unknown)}")
