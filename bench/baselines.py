@@ -33,7 +33,6 @@ from contextlib import nullcontext
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
@@ -51,6 +50,7 @@ from services.learner.trainer import (
     TEMPLATES,
     Concept,
     components_pipeline,
+    encode_instance,
     load_components,
     training_target,
 )
@@ -183,13 +183,7 @@ class BaselineTrainer:
             specs = [TokenSpec(f"<&{i}>", CONCEPT, i, c.concept_id, c.noun) for i, c in enumerate(spec.concepts)]
             self.token_rows = ConceptTokens(self.tokenizer, self.text_encoder, specs)
             self.token_rows.initialise([c.noun or None for c in spec.concepts], self.rng)
-        image = image_to_tensor(spec.image).to(dev)
-        masks = torch.from_numpy(np.stack([c.mask for c in spec.concepts])).float().unsqueeze(1).to(dev)
-        with torch.no_grad():
-            dists = [self.vae.encode(x).latent_dist for x in (image, image.flip(-1))]
-        self.instance_latents = [(d.mean, d.std) for d in dists]  # [unflipped, flipped]
-        self.masks = [masks, masks.flip(-1)]
-        self.scaling = float(self.vae.config.scaling_factor)
+        self.instance_latents, self.masks, self.scaling = encode_instance(self.vae, spec, dev)
         if self.prior:
             self.class_ids = self.token_rows.input_ids([s.class_prompt], dev)
         self.processors = self.unet.attn_processors  # restored for generation

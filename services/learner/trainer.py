@@ -220,6 +220,16 @@ def _load_components(root: Path, device: str):
     return tokenizer, text_encoder, unet, vae, scheduler
 
 
+def encode_instance(vae, spec: LearningSpec, device) -> tuple[list, list[torch.Tensor], float]:
+    """The source image's VAE posterior (mean, std) and the concepts' masks [C, 1, H, W], each unflipped and
+    flipped (the horizontal-flip augmentation), and the latent scaling factor."""
+    image = image_to_tensor(spec.image).to(device)
+    masks = torch.from_numpy(np.stack([c.mask for c in spec.concepts])).float().unsqueeze(1).to(device)
+    with torch.no_grad():
+        dists = [vae.encode(x).latent_dist for x in (image, image.flip(-1))]
+    return [(d.mean, d.std) for d in dists], [masks, masks.flip(-1)], float(vae.config.scaling_factor)
+
+
 class Trainer:
     """One learning job. `run()` trains (resuming from `work_dir/checkpoints` when present) and returns the
     learned tokens; `on_step` is called after every step and may raise `Interrupted` or any error to stop."""
@@ -294,13 +304,7 @@ class Trainer:
         self.tokens.new.register_hook(lambda g: g * self.row_mask.unsqueeze(1).to(g.dtype))
 
         dev = self.device
-        image = image_to_tensor(spec.image).to(dev)
-        masks = torch.from_numpy(np.stack([c.mask for c in spec.concepts])).float().unsqueeze(1).to(dev)
-        with torch.no_grad():
-            dists = [self.vae.encode(x).latent_dist for x in (image, image.flip(-1))]
-        self.instance_latents = [(d.mean, d.std) for d in dists]  # [unflipped, flipped]
-        self.masks = [masks, masks.flip(-1)]
-        self.scaling = float(self.vae.config.scaling_factor)
+        self.instance_latents, self.masks, self.scaling = encode_instance(self.vae, spec, dev)
 
         if self.prior:
             self.class_ids = self.tokens.input_ids([s.class_prompt], dev)
